@@ -1,0 +1,104 @@
+"""Inference-time preprocessing that travels with an exported model.
+
+Decoding and normalisation live here (not in training code) so that the embedding job and the
+serving app turn image bytes into exactly the tensors the encoders were trained on. Training-time
+augmentation is applied on top of :func:`decode_image` by the training pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+ImageInput = bytes | bytearray | memoryview | Image.Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(kw_only=True)
+class PreprocessConfig:
+    """How raw inputs become model inputs: square image size, RGB mean/std, text token budget."""
+
+    image_size: int = 64
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_text_length: int = 64
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        if self.max_text_length < 2:
+            raise ValueError(f"max_text_length must be >= 2 ([CLS] + [SEP]), got "
+                             f"{self.max_text_length}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+def _open(data: ImageInput) -> Image.Image:
+    """Open and fully decode an image, turning any decoder failure into a ValueError."""
+    if isinstance(data, Image.Image):
+        return data
+    try:
+        img = Image.open(io.BytesIO(bytes(data)))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any PIL image; transparent pixels are composited onto white."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: ImageInput, image_size: int) -> np.ndarray:
+    """Encoded bytes (PNG/JPEG/WebP/...) or a PIL image -> uint8 array [image_size, image_size, 3].
+
+    Raises ValueError for bytes that are not a decodable image.
+    """
+    img = to_rgb(_open(data))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize_array(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with the config's mean/std."""
+    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
+    out = (pixels.astype(np.float32) - mean) * inv_std
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def images_to_tensor(images: Sequence[ImageInput], cfg: PreprocessConfig) -> torch.Tensor:
+    """Decode a batch of encoded images (or PIL images) into a float tensor [B, 3, S, S].
+
+    The error for an undecodable item names its position in the batch.
+    """
+    pixels = np.empty((len(images), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    for i, data in enumerate(images):
+        try:
+            pixels[i] = decode_image(data, cfg.image_size)
+        except ValueError as exc:
+            raise ValueError(f"image {i} of {len(images)}: {exc}") from exc
+    return torch.from_numpy(normalize_array(pixels, cfg))

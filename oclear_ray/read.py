@@ -1,0 +1,358 @@
+"""Readers: parquet, a folder of images with a JSONL/CSV manifest, webdataset tar shards.
+
+Each returns a Ray Dataset in the data contract (``oclear_ray.contract``), checking the schema
+before any work starts. ``validate`` runs the row checks through Ray Data, writes the bad rows
+to a quarantine parquet with their reason, and counts everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from oclear_ray import storage
+from oclear_ray.contract import (
+    CATALOG,
+    CONTRACTS,
+    FINGERPRINT,
+    QUERIES,
+    REASON,
+    Contract,
+    Limits,
+    SchemaError,
+    check_rows,
+    check_schema,
+    conform,
+    good_mask,
+)
+
+MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "metadata.jsonl", "metadata.csv")
+
+
+def detect_format(path: str) -> str:
+    """Guess the reader from the path: ``parquet``, ``manifest`` or ``webdataset``."""
+    path = str(path)
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith((".jsonl", ".json", ".csv")):
+        return "manifest"
+    if lower.endswith(".tar") or "{" in path:
+        return "webdataset"
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if storage.is_dir(path):
+        for name in MANIFEST_NAMES:
+            if storage.exists(storage.join(path, name)):
+                return "manifest"
+        if storage.list_files(path, (".parquet",)):
+            return "parquet"
+        if storage.list_files(path, (".tar",)):
+            return "webdataset"
+    raise ValueError(
+        f"cannot tell the format of {path}: expected a .parquet file or folder, a folder with "
+        f"one of {', '.join(MANIFEST_NAMES)}, a .jsonl/.csv manifest, or webdataset .tar shards"
+    )
+
+
+def _conform_batch(batch: pa.Table, contract: Contract) -> pa.Table:
+    return conform(batch, contract)
+
+
+def read_parquet(path: str, contract: Contract, **read_args):
+    """Read canonical parquet (``image`` bytes or ``image_path``), schema checked up front."""
+    import ray.data
+
+    files = (
+        [path]
+        if str(path).lower().endswith(".parquet")
+        else storage.list_files(path, (".parquet",))
+    )
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {path}")
+    fs, first = storage.resolve(files[0])
+    check_schema(pq.read_schema(first, filesystem=fs), contract)
+    ds = ray.data.read_parquet(path, **read_args)
+    return ds.map_batches(_conform_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow")
+
+
+def _find_manifest(path: str) -> str:
+    """The manifest file itself, or the first of ``MANIFEST_NAMES`` in a folder."""
+    if not storage.is_dir(path):
+        return str(path)
+    for name in MANIFEST_NAMES:
+        if storage.exists(storage.join(path, name)):
+            return storage.join(path, name)
+    raise FileNotFoundError(f"no manifest ({', '.join(MANIFEST_NAMES)}) in {path}")
+
+
+def _read_manifest_table(manifest: str) -> pa.Table:
+    data = storage.read_bytes(manifest)
+    source = pa.BufferReader(data)
+    if manifest.lower().endswith(".csv"):
+        # Text formats have no types: read every column as a string, ids included.
+        names = pacsv.read_csv(pa.BufferReader(data)).column_names
+        opts = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+        return pacsv.read_csv(source, convert_options=opts)
+    if manifest.lower().endswith(".json") and data.lstrip().startswith(b"["):
+        return pa.Table.from_pylist(json.loads(data))
+    return pajson.read_json(source)
+
+
+def _stringify(table: pa.Table, contract: Contract) -> pa.Table:
+    """Cast scalar contract columns of an untyped manifest to strings (ids may parse as ints)."""
+    for name in contract.names:
+        if name in table.column_names and name != "image":
+            typ = table.schema.field(name).type
+            if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+                i = table.schema.get_field_index(name)
+                table = table.set_column(i, name, table.column(name).cast(pa.string()))
+    return table
+
+
+def _absolute(path: str | None, root: str) -> str | None:
+    if path is None or storage.is_uri(path) or os.path.isabs(path):
+        return path
+    return storage.join(root, path)
+
+
+def read_manifest(path: str, contract: Contract):
+    """Read images listed in a JSONL/CSV manifest (``image_path`` or ``file_name`` column).
+
+    ``path`` is the manifest, or a folder holding ``manifest.jsonl``/``metadata.csv``/...;
+    relative image paths are taken relative to the manifest's folder.
+    """
+    import ray.data
+
+    manifest = _find_manifest(path)
+    table = _read_manifest_table(manifest)
+    if "file_name" in table.column_names and "image_path" not in table.column_names:
+        table = table.rename_columns(
+            ["image_path" if n == "file_name" else n for n in table.column_names]
+        )
+    table = _stringify(table, contract)
+    check_schema(table.schema, contract)
+    root = (
+        manifest.rsplit("/", 1)[0]
+        if storage.is_uri(manifest)
+        else os.path.dirname(os.path.abspath(manifest))
+    )
+    if "image_path" in table.column_names:
+        paths = [_absolute(p, root) for p in table.column("image_path").to_pylist()]
+        i = table.schema.get_field_index("image_path")
+        table = table.set_column(i, "image_path", pa.array(paths, pa.string()))
+    return ray.data.from_arrow(conform(table, contract))
+
+
+def _from_webdataset(batch: pa.Table, contract: Contract) -> pa.Table:
+    """Map img2dataset samples (jpg/png/webp + txt + json per key) onto the contract."""
+    cols = batch.column_names
+    rows = batch.to_pylist()
+    out = {name: [] for name in contract.names}
+    out["url"] = []
+    for row in rows:
+        meta = json.loads(row["json"]) if "json" in cols and row.get("json") else {}
+        image = next((row[e] for e in ("jpg", "jpeg", "png", "webp") if row.get(e)), None)
+        text = row["txt"].decode("utf-8", "replace") if row.get("txt") else meta.get("caption")
+        values = {
+            contract.id_column: str(
+                meta.get(contract.id_column) or meta.get("key") or row["__key__"]
+            ),
+            "image": image,
+            "text": text,
+            "category": meta.get("category"),
+            "label": None if meta.get("label") is None else str(meta["label"]),
+        }
+        for name in contract.names:
+            out[name].append(values.get(name))
+        out["url"].append(meta.get("url"))
+    return conform(pa.table(out), contract)
+
+
+def read_webdataset(path: str, contract: Contract):
+    """Read webdataset tar shards as img2dataset writes them (.tar, brace pattern or folder)."""
+    import ray.data
+
+    paths = storage.list_files(path, (".tar",)) if storage.is_dir(path) else path
+    ds = ray.data.read_webdataset(paths, decoder=None)
+    return ds.map_batches(
+        _from_webdataset, fn_kwargs={"contract": contract}, batch_format="pyarrow"
+    )
+
+
+READERS = {"parquet": read_parquet, "manifest": read_manifest, "webdataset": read_webdataset}
+
+
+def read(path: str, contract: Contract, *, format: str | None = None):
+    """Read any supported source as a Ray Dataset in ``contract``."""
+    fmt = format or detect_format(path)
+    if fmt not in READERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}")
+    return READERS[fmt](path, contract)
+
+
+@dataclass
+class ValidationReport:
+    """What ``validate`` found: counts per reason and where the bad rows went."""
+
+    kind: str
+    rows: int = 0
+    good: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    quarantine_path: str = ""
+    labels: int = 0
+    #: for ids seen more than once, the fingerprint of the row that was kept (the first)
+    kept_duplicates: dict = field(default_factory=dict)
+
+    @property
+    def quarantined(self) -> int:
+        return self.rows - self.good
+
+    @property
+    def usable(self) -> bool:
+        return self.good > 0
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "rows": self.rows,
+            "good": self.good,
+            "quarantined": self.quarantined,
+            "reasons": dict(self.reasons),
+            "labels": self.labels,
+            "quarantine_path": self.quarantine_path,
+        }
+
+
+def _check_for_report(batch: pa.Table, contract: Contract, limits: Limits) -> pa.Table:
+    """Row checks, dropping the image bytes of good rows: only bad rows are kept whole."""
+    checked = check_rows(batch, contract, limits)
+    i = checked.schema.get_field_index("image")
+    image = pc.if_else(good_mask(checked), pa.scalar(None, pa.binary()), checked.column(i))
+    return checked.set_column(i, "image", image)
+
+
+def _mark_duplicates(batch: pa.Table, id_column: str, seen: dict, report) -> pa.Table:
+    """Give later rows of an id already seen the reason ``duplicate <id>``; keep the first."""
+    reasons = batch.column(REASON).to_pylist()
+    ids = batch.column(id_column).to_pylist()
+    prints = batch.column(FINGERPRINT).to_pylist()
+    for i, (reason, row_id, fp) in enumerate(zip(reasons, ids, prints, strict=True)):
+        if reason is not None:
+            continue
+        if row_id in seen:
+            reasons[i] = f"duplicate {id_column}"
+            report.kept_duplicates[row_id] = seen[row_id]
+        else:
+            seen[row_id] = fp
+    return batch.set_column(
+        batch.schema.get_field_index(REASON), REASON, pa.array(reasons, pa.string())
+    )
+
+
+def validate(
+    ds,
+    contract: Contract,
+    quarantine_path: str,
+    *,
+    limits: Limits | None = None,
+    batch_size: int = 256,
+    progress=None,
+) -> ValidationReport:
+    """Check every row through Ray Data; write bad rows with their reason to quarantine.
+
+    Rows are checked in parallel by Ray Data tasks; the driver sees them in read order (so the
+    first of several rows with one id is the one kept) without the image bytes of good rows.
+    ``progress(n)`` is called with the number of rows done after each batch.
+    """
+    limits = limits or Limits()
+    ds.context.execution_options.preserve_order = True
+    checked = ds.map_batches(
+        _check_for_report,
+        fn_kwargs={"contract": contract, "limits": limits},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+    )
+    report = ValidationReport(kind=contract.kind, quarantine_path=str(quarantine_path))
+    seen: dict = {}
+    labels: set = set()
+    sink = storage.ParquetSink(quarantine_path)
+    for batch in checked.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch = _mark_duplicates(batch, contract.id_column, seen, report)
+        bad = pc.invert(good_mask(batch))
+        sink.write(batch.filter(bad).drop_columns([FINGERPRINT]))
+        good = batch.filter(good_mask(batch))
+        labels.update(v for v in good.column("label").to_pylist() if v)
+        report.rows += batch.num_rows
+        report.good += good.num_rows
+        report.reasons.update(_reason_kind(r) for r in batch.column(REASON).to_pylist() if r)
+        if progress is not None:
+            progress(batch.num_rows)
+    if report.rows == 0:
+        raise SchemaError(f"{contract.kind} has no rows")
+    sink.close()
+    report.labels = len(labels)
+    return report
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its detail (``undecodable image: ...`` -> ``undecodable image``)."""
+    return reason.split(":", 1)[0].split(" (", 1)[0]
+
+
+def source_columns(path: str, fmt: str) -> list[str]:
+    """Column names of a parquet or manifest source without reading its rows."""
+    if fmt == "parquet":
+        first = (
+            path
+            if str(path).lower().endswith(".parquet")
+            else storage.list_files(path, (".parquet",))[0]
+        )
+        fs, p = storage.resolve(first)
+        return pq.read_schema(p, filesystem=fs).names
+    if fmt == "manifest":
+        return read_manifest_columns(path)
+    return []
+
+
+def read_manifest_columns(path: str) -> list[str]:
+    manifest = _find_manifest(path)
+    return _read_manifest_table(manifest).column_names
+
+
+def detect_contract(path: str, fmt: str) -> Contract:
+    """Queries when the source has ``query_id`` and no ``doc_id``, else the catalog."""
+    columns = source_columns(path, fmt)
+    return QUERIES if "query_id" in columns and "doc_id" not in columns else CATALOG
+
+
+def validate_source(
+    path: str,
+    *,
+    kind: str = "auto",
+    format: str | None = None,
+    workdir: str = "work",
+    quarantine: str | None = None,
+    limits: Limits | None = None,
+    progress=None,
+) -> ValidationReport:
+    """Read ``path`` with the right reader and validate it (the ``validate`` stage)."""
+    fmt = format or detect_format(path)
+    if kind == "auto":
+        contract = detect_contract(path, fmt)
+    elif kind in CONTRACTS:
+        contract = CONTRACTS[kind]
+    else:
+        raise ValueError(f"unknown kind {kind!r}; choose catalog, queries or auto")
+    stem = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
+    quarantine = quarantine or storage.join(workdir, "quarantine", f"{stem}.parquet")
+    ds = read(path, contract, format=fmt)
+    return validate(ds, contract, quarantine, limits=limits, progress=progress)
