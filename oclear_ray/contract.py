@@ -20,6 +20,8 @@ from oclear_ray.storage import read_bytes
 
 REASON = "reason"
 FINGERPRINT = "fingerprint"
+#: a reader's stable identity of a row (source file and position), dropped after cleaning
+ROW_HASH = "row_hash"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,11 +184,15 @@ def _row_reason(row_id, image, image_path, text, contract, limits):
     return None, image
 
 
-def fingerprint(row_id, image, text) -> str:
-    """A short content hash of a row, to tell two rows with one id apart."""
+def fingerprint(row_id, image, text, row_hash=None) -> str:
+    """A short hash telling two rows with one id apart: their source position when the reader
+    gave one (``row_hash``), else their content."""
     h = hashlib.sha1(str(row_id).encode())
-    h.update(image or b"")
-    h.update((text or "").encode())
+    if row_hash is not None:
+        h.update(str(row_hash).encode())
+    else:
+        h.update(image or b"")
+        h.update((text or "").encode())
     return h.hexdigest()[:16]
 
 
@@ -206,7 +212,11 @@ def check_rows(table: pa.Table, contract: Contract, limits: Limits) -> pa.Table:
         reason, data = _row_reason(row_id, image, path, text, contract, limits)
         reasons.append(reason)
         resolved.append(data)
-    prints = [fingerprint(i, b, t) for i, b, t in zip(ids, resolved, texts, strict=True)]
+    rows = table.column(ROW_HASH).to_pylist() if ROW_HASH in table.column_names else None
+    rows = rows or [None] * table.num_rows
+    prints = [
+        fingerprint(i, b, t, r) for i, b, t, r in zip(ids, resolved, texts, rows, strict=True)
+    ]
     index = table.schema.get_field_index("image")
     table = table.set_column(index, "image", pa.array(resolved, pa.binary()))
     table = table.append_column(REASON, pa.array(reasons, pa.string()))

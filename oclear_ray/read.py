@@ -25,6 +25,7 @@ from oclear_ray.contract import (
     FINGERPRINT,
     QUERIES,
     REASON,
+    ROW_HASH,
     Contract,
     Limits,
     SchemaError,
@@ -80,7 +81,7 @@ def read_parquet(path: str, contract: Contract, **read_args):
         raise FileNotFoundError(f"no parquet files under {path}")
     fs, first = storage.resolve(files[0])
     check_schema(pq.read_schema(first, filesystem=fs), contract)
-    ds = ray.data.read_parquet(path, **read_args)
+    ds = ray.data.read_parquet(path, include_row_hash=True, **read_args)
     return ds.map_batches(_conform_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow")
 
 
@@ -149,6 +150,7 @@ def read_manifest(path: str, contract: Contract):
         paths = [_absolute(p, root) for p in table.column("image_path").to_pylist()]
         i = table.schema.get_field_index("image_path")
         table = table.set_column(i, "image_path", pa.array(paths, pa.string()))
+    table = table.append_column(ROW_HASH, pa.array(range(table.num_rows), pa.uint64()))
     return ray.data.from_arrow(conform(table, contract))
 
 
@@ -157,7 +159,7 @@ def _from_webdataset(batch: pa.Table, contract: Contract) -> pa.Table:
     cols = batch.column_names
     rows = batch.to_pylist()
     out = {name: [] for name in contract.names}
-    out["url"] = []
+    out["url"], out[ROW_HASH] = [], []
     for row in rows:
         meta = json.loads(row["json"]) if "json" in cols and row.get("json") else {}
         image = next((row[e] for e in ("jpg", "jpeg", "png", "webp") if row.get(e)), None)
@@ -174,6 +176,7 @@ def _from_webdataset(batch: pa.Table, contract: Contract) -> pa.Table:
         for name in contract.names:
             out[name].append(values.get(name))
         out["url"].append(meta.get("url"))
+        out[ROW_HASH].append(f"{row.get('__url__')}#{row['__key__']}")
     return conform(pa.table(out), contract)
 
 
@@ -288,7 +291,7 @@ def validate(
     for batch in checked.iter_batches(batch_format="pyarrow", batch_size=None):
         batch = _mark_duplicates(batch, contract.id_column, seen, report)
         bad = pc.invert(good_mask(batch))
-        sink.write(batch.filter(bad).drop_columns([FINGERPRINT]))
+        sink.write(_drop_internal(batch.filter(bad)))
         good = batch.filter(good_mask(batch))
         labels.update(v for v in good.column("label").to_pylist() if v)
         report.rows += batch.num_rows
@@ -301,6 +304,10 @@ def validate(
     sink.close()
     report.labels = len(labels)
     return report
+
+
+def _drop_internal(table: pa.Table) -> pa.Table:
+    return table.drop_columns([c for c in (FINGERPRINT, ROW_HASH) if c in table.column_names])
 
 
 def _reason_kind(reason: str) -> str:
@@ -356,3 +363,26 @@ def validate_source(
     quarantine = quarantine or storage.join(workdir, "quarantine", f"{stem}.parquet")
     ds = read(path, contract, format=fmt)
     return validate(ds, contract, quarantine, limits=limits, progress=progress)
+
+
+def _keep_good(batch: pa.Table, contract: Contract, limits: Limits, kept: dict) -> pa.Table:
+    """Row checks; keep good rows, and of a duplicated id only the row ``validate`` kept."""
+    checked = check_rows(batch, contract, limits)
+    mask = good_mask(checked).to_pylist()
+    ids = checked.column(contract.id_column).to_pylist()
+    prints = checked.column(FINGERPRINT).to_pylist()
+    keep = [
+        ok and (row_id not in kept or kept[row_id] == fp)
+        for ok, row_id, fp in zip(mask, ids, prints, strict=True)
+    ]
+    return _drop_internal(checked.filter(pa.array(keep)).drop_columns([REASON]))
+
+
+def clean(ds, contract: Contract, report: ValidationReport, *, limits: Limits | None = None):
+    """The good rows of ``ds`` as ``validate`` judged them, image bytes resolved.
+
+    Readers give every row a ``row_hash`` (source and position), so of several rows with
+    one id exactly the one ``validate`` kept passes, even when their contents are identical.
+    """
+    kwargs = {"contract": contract, "limits": limits or Limits(), "kept": report.kept_duplicates}
+    return ds.map_batches(_keep_good, fn_kwargs=kwargs, batch_format="pyarrow")

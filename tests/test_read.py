@@ -167,3 +167,18 @@ def test_read_checks_contract_of_queries(ray_cluster, tmp_path):
     pq.write_table(pa.table({"query_id": [1], "image": [png_bytes()]}), tmp_path / "q.parquet")
     with pytest.raises(SchemaError, match="'query_id' has type int64"):
         read(str(tmp_path / "q.parquet"), QUERIES)
+
+
+def test_clean_keeps_exactly_the_rows_validate_kept(ray_cluster, tmp_path):
+    img = png_bytes()
+    ids = ["a", "b", "a", "c", "b", "d"]  # "a" copied exactly; "b" twice with other content
+    images = [img, img, img, b"junk", png_bytes(color=(1, 2, 3)), img]
+    write_catalog(tmp_path / "c.parquet", ids, images, row_group_size=2)
+    from oclear_ray.read import clean
+
+    ds = read(str(tmp_path / "c.parquet"), CATALOG)
+    report = validate(ds, CATALOG, str(tmp_path / "q.parquet"))
+    assert (report.good, report.reasons["duplicate doc_id"]) == (3, 2)
+    rows = clean(read(str(tmp_path / "c.parquet"), CATALOG), CATALOG, report).take_all()
+    assert sorted((r["doc_id"], r["price"]) for r in rows) == [("a", 0), ("b", 1), ("d", 5)]
+    assert "reason" not in rows[0] and "row_hash" not in rows[0]
