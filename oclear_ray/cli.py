@@ -25,12 +25,16 @@ RayAddress = Annotated[
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None):
-    """A rich progress bar; yields ``advance(n)``."""
+def progress_bar(description: str, total: int | None = None, *, cumulative: bool = False):
+    """A rich progress bar; yields a callback taking rows just done (or done so far, when
+    ``cumulative``)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        if cumulative:
+            yield lambda n: bar.update(task, completed=n)
+        else:
+            yield lambda n: bar.advance(task, n)
 
 
 @app.command()
@@ -41,7 +45,9 @@ def synth(
     noise: float = typer.Option(0.0, help="Fraction of documents with a wrong label."),
     alias_rate: float = typer.Option(0.05, help="Fraction of products split over two labels."),
     broad_rate: float = typer.Option(0.05, help="Fraction of labels covering two products."),
-    zipf: float = typer.Option(1.1, help="Zipf exponent of the class sizes."),
+    zipf: float = typer.Option(1.0, help="Zipf exponent of the class sizes."),
+    queries_per_class: int = typer.Option(2, help="Query photos drawn per product."),
+    text_query_rate: float = typer.Option(0.0, help="Fraction of queries with typed text."),
     image_size: int = typer.Option(64, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
 ):
@@ -58,8 +64,8 @@ def synth(
         image_size=image_size,
         seed=seed,
     )
-    with progress_bar("synth", None) as advance:
-        summary = generate(str(out_dir), cfg, progress=advance)
+    with progress_bar("synth", cfg.total_items, cumulative=True) as done:
+        summary = generate(str(out_dir), cfg, progress=done)
     console.print_json(json.dumps(summary, default=str))
 
 
@@ -82,7 +88,7 @@ def validate(
 
     init_ray(address)
     try:
-        with progress_bar(f"validate {os.path.basename(path.rstrip('/'))}", None) as advance:
+        with progress_bar(f"validate {os.path.basename(path.rstrip('/'))}") as advance:
             report = validate_source(
                 path,
                 kind=kind,
@@ -100,9 +106,9 @@ def validate(
 
 
 def _print_report(report) -> None:
-    table = Table(title=f"{report.kind}: {report.rows} rows")
+    table = Table(title=f"{report.kind}: {report.rows} rows", min_width=44)
     table.add_column("what")
-    table.add_column("rows", justify="right")
+    table.add_column("count", justify="right")
     table.add_row("good", str(report.good))
     table.add_row("labels", str(report.labels))
     for reason, n in sorted(report.reasons.items()):
