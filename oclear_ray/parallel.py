@@ -81,7 +81,8 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
 
     Ranks may hold different numbers of rows (including none). The gradient of a rank's rows
     is the sum over ranks of the gradient of the gathered tensor: each rank's loss term only
-    sees part of the computation (e.g. its own slice of the classes).
+    sees part of the computation (e.g. its own slice of the classes). Every rank of the group
+    must call this the same number of times, and run the backward pass if one does.
     """
     if group is None:
         return tensor
@@ -96,8 +97,11 @@ class _AllGatherRows(torch.autograd.Function):
         ctx.rows = (sum(sizes[:rank]), sum(sizes[: rank + 1]))
         ctx.group = group
         longest = max(sizes)
-        padded = tensor.new_zeros(longest, *tensor.shape[1:])
-        padded[: tensor.shape[0]] = tensor
+        padded = tensor.contiguous()
+        if tensor.shape[0] < longest:
+            padded = torch.cat(
+                [padded, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])]
+            )
         out = tensor.new_empty(len(sizes) * longest, *tensor.shape[1:])
         dist.all_gather_single(out, padded, group=group)
         if all(size == longest for size in sizes):
@@ -106,7 +110,7 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = all_reduce_sum_(grad.contiguous().clone(), ctx.group)
+        grad = all_reduce_sum_(grad.clone(memory_format=torch.contiguous_format), ctx.group)
         start, stop = ctx.rows
         return grad[start:stop], None
 
@@ -149,3 +153,32 @@ def from_row_sharded(value: torch.Tensor, num_rows: int, start: int, stop: int) 
             f"shard holds {local.shape[0]} rows, expected rows [{start}, {stop}) of {num_rows}"
         )
     return local
+
+
+def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at one step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return bool(flag)
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+def apply_fsdp(model: torch.nn.Module, units: list[torch.nn.Module], methods=()) -> None:
+    """Shard ``model`` with FSDP2 over the whole world: each unit, then the root.
+
+    ``methods`` are entry points other than ``forward`` (e.g. ``encode_doc``) that must gather
+    the root's parameters too. The mesh's device type follows the parameters (CPU: gloo).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name in methods:
+        register_fsdp_forward_method(model, name)
