@@ -115,3 +115,30 @@ def _print_report(report) -> None:
         table.add_row(f"quarantined: {reason}", str(n))
     Console().print(table)
     Console().print(f"quarantine: {report.quarantine_path} ({report.quarantined} rows)")
+
+
+@app.command()
+def train(
+    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    workdir: str = typer.Option(..., help="Work directory (model goes to WORKDIR/train/model)."),
+    queries: str | None = typer.Option(None, help="Training query photos."),
+    config: str | None = typer.Option(None, help="YAML training config."),
+    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    steps: int | None = typer.Option(None, help="Scale the schedule to this many steps."),
+    max_minutes: float | None = typer.Option(None, help="Stop cleanly after this long."),
+    use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
+    address: RayAddress = None,
+):
+    """Train the encoders (FSDP2) and the sharded classifier on Ray Train, then export them."""
+    from oclear_ray.config import train_config
+    from oclear_ray.runtime import init_ray
+    from oclear_ray.train import fit
+
+    cfg = train_config(
+        config, workers=workers, steps=steps, max_minutes=max_minutes, use_gpu=use_gpu
+    )
+    init_ray(address)
+    result = fit(cfg, catalog=catalog, queries=queries, workdir=workdir)
+    console.print(f"model: {result.model_dir} ({result.num_classes} classes)")
+    if result.metrics:
+        console.print_json(json.dumps(result.metrics))

@@ -40,8 +40,9 @@ class PreprocessConfig:
         if min(self.std) <= 0:
             raise ValueError(f"std values must be > 0, got {self.std}")
         if self.max_text_length < 2:
-            raise ValueError(f"max_text_length must be >= 2 ([CLS] + [SEP]), got "
-                             f"{self.max_text_length}")
+            raise ValueError(
+                f"max_text_length must be >= 2 ([CLS] + [SEP]), got {self.max_text_length}"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""

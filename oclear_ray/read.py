@@ -211,13 +211,17 @@ class ValidationReport:
     good: int = 0
     reasons: Counter = field(default_factory=Counter)
     quarantine_path: str = ""
-    labels: int = 0
+    label_set: set = field(default_factory=set)
     #: for ids seen more than once, the fingerprint of the row that was kept (the first)
     kept_duplicates: dict = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
         return self.rows - self.good
+
+    @property
+    def labels(self) -> int:
+        return len(self.label_set)
 
     @property
     def usable(self) -> bool:
@@ -286,14 +290,13 @@ def validate(
     )
     report = ValidationReport(kind=contract.kind, quarantine_path=str(quarantine_path))
     seen: dict = {}
-    labels: set = set()
     sink = storage.ParquetSink(quarantine_path)
     for batch in checked.iter_batches(batch_format="pyarrow", batch_size=None):
         batch = _mark_duplicates(batch, contract.id_column, seen, report)
         bad = pc.invert(good_mask(batch))
         sink.write(_drop_internal(batch.filter(bad)))
         good = batch.filter(good_mask(batch))
-        labels.update(v for v in good.column("label").to_pylist() if v)
+        report.label_set.update(v for v in good.column("label").to_pylist() if v)
         report.rows += batch.num_rows
         report.good += good.num_rows
         report.reasons.update(_reason_kind(r) for r in batch.column(REASON).to_pylist() if r)
@@ -302,7 +305,6 @@ def validate(
     if report.rows == 0:
         raise SchemaError(f"{contract.kind} has no rows")
     sink.close()
-    report.labels = len(labels)
     return report
 
 

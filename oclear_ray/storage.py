@@ -113,6 +113,17 @@ def write_bytes(path: str, data: bytes) -> None:
     fs.move(tmp, final)
 
 
+def copy_dir(local_dir: str, dest: str) -> None:
+    """Copy a local folder to ``dest`` (a path or URI), replacing it as a whole at the end."""
+    fs, final = resolve(dest)
+    tmp = _tmp_name(final.rstrip("/"))
+    fs.create_dir(tmp, recursive=True)
+    pafs.copy_files(os.path.abspath(local_dir), tmp, destination_filesystem=fs)
+    if fs.get_file_info(final).type != pafs.FileType.NotFound:
+        fs.delete_dir(final)
+    fs.move(tmp, final)
+
+
 def read_bytes(path: str) -> bytes:
     """Read a local path or any fsspec URI (s3://, gs://, http://, ...) in full."""
     with fsspec.open(str(path), "rb") as f:

@@ -15,7 +15,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -25,6 +33,7 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self._truncating: dict[int, Tokenizer] = {}
         self.pad_id = tokenizer.token_to_id("[PAD]")
         if self.pad_id is None:
             raise ValueError("tokenizer has no [PAD] token")
@@ -43,6 +52,14 @@ class TextTokenizer:
         """Write ``tokenizer.json`` (single file, loadable with ``Tokenizer.from_file``)."""
         self.tokenizer.save(str(path))
 
+    def _truncating_tokenizer(self, max_length: int) -> Tokenizer:
+        """A copy truncating to ``max_length``; the original stays as trained (and as saved)."""
+        if max_length not in self._truncating:
+            copy = Tokenizer.from_str(self.tokenizer.to_str())
+            copy.enable_truncation(max_length)
+            self._truncating[max_length] = copy
+        return self._truncating[max_length]
+
     def encode(
         self,
         texts: Sequence[str],
@@ -58,8 +75,8 @@ class TextTokenizer:
         """
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 ([CLS] + [SEP]), got {max_length}")
-        self.tokenizer.enable_truncation(max_length)
-        encodings = self.tokenizer.encode_batch(["" if t is None else str(t) for t in texts])
+        texts = ["" if t is None else str(t) for t in texts]
+        encodings = self._truncating_tokenizer(max_length).encode_batch(texts)
         rows = [e.ids if sum(e.special_tokens_mask) < len(e.ids) else [] for e in encodings]
         width = max_length if padding == "max_length" else max([len(r) for r in rows] + [1])
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)

@@ -1,0 +1,56 @@
+"""Ray job: train the encoders and the sharded classifier, export them to WORKDIR/train/model.
+
+    ray job submit --working-dir . -- python -m jobs.train --catalog data/catalog.parquet \
+        --queries data/queries.parquet --workdir W --workers 2 --max-minutes 10
+
+Rerunning the same command resumes from the last checkpoint (also with another --workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from oclear_ray.config import train_config
+from oclear_ray.runtime import init_ray
+from oclear_ray.train import fit
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--queries", default=None, help="training query photos (optional)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=None, help="YAML training config")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    return p.parse_args(argv)
+
+
+def main(args) -> None:
+    cfg = train_config(
+        args.config,
+        workers=args.workers,
+        steps=args.steps,
+        max_minutes=args.max_minutes,
+        use_gpu=args.use_gpu,
+    )
+    result = fit(cfg, catalog=args.catalog, queries=args.queries, workdir=args.workdir)
+    print(
+        json.dumps(
+            {
+                "model_dir": result.model_dir,
+                "classes": result.num_classes,
+                "metrics": result.metrics,
+                "quarantined": result.quarantined,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    init_ray()
+    main(parse_args())

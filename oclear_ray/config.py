@@ -1,0 +1,252 @@
+"""The training configuration: a tree of keyword-only dataclasses, loaded from YAML.
+
+One file chooses the backbone, dims, margin, sampling rate, batch size, workers, CPU/GPU,
+precision and the stage schedule. Every section checks itself in ``__post_init__`` with an error
+that names the bad value; unknown keys are errors too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from oclear_ray.model import ModelConfig
+
+MARGINS = ("cosface", "arcface")
+
+
+@dataclass(kw_only=True)
+class HeadConfig:
+    """The sharded margin-softmax classifier (its class count comes from the class map)."""
+
+    margin: str = "cosface"
+    m: float = 0.2
+    scale: float = 32.0
+    sample_rate: float = 1.0
+
+    def __post_init__(self):
+        if self.margin not in MARGINS:
+            raise ValueError(f"head.margin must be one of {MARGINS}, got {self.margin!r}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.scale <= 0:
+            raise ValueError(f"head.scale must be > 0, got {self.scale}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Per-worker batch sizes and the augmentation of training views."""
+
+    batch_size: int = 64
+    query_batch_size: int = 32
+    augment: bool = True
+    #: keep decoded images in the Ray object store between epochs (turn off for catalogs
+    #: larger than the object store: they then stream from storage every epoch)
+    cache: bool = True
+    #: also train the query tower on document images drawn as user photos (for classes that have
+    #: documents but no query)
+    doc_as_query_rate: float = 0.5
+
+    def __post_init__(self):
+        for name in ("batch_size", "query_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.doc_as_query_rate <= 1.0:
+            raise ValueError(
+                f"data.doc_as_query_rate must be in [0, 1], got {self.doc_as_query_rate}"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW for the encoders, SGD with momentum for the classifier shard; cosine decay."""
+
+    lr: float = 2e-3
+    head_lr: float = 0.1
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError(
+                f"optim.lr and optim.head_lr must be > 0, got {self.lr}, {self.head_lr}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+TOWERS = ("image", "all")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """A stage of the schedule: ``image`` aligns query and document images (image towers only),
+    ``all`` trains the fusion too."""
+
+    name: str
+    steps: int
+    towers: str = "all"
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.towers not in TOWERS:
+            raise ValueError(
+                f"stage {self.name!r}: towers must be one of {TOWERS}, got {self.towers!r}"
+            )
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Workers and resources, precision, checkpoints, failures and the wall-time budget."""
+
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 1
+    use_gpu: bool = False
+    fsdp: bool = True
+    precision: str = "fp32"
+    checkpoint_every: int = 100
+    max_failures: int = 1
+    max_minutes: float | None = None
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"run.workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0 or self.threads_per_worker < 1:
+            raise ValueError(
+                f"run.cpus_per_worker must be > 0 and run.threads_per_worker >= 1, got "
+                f"{self.cpus_per_worker} and {self.threads_per_worker}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("run.checkpoint_every and run.log_every must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"run.max_minutes must be > 0, got {self.max_minutes}")
+
+
+def _default_schedule() -> list[StageConfig]:
+    return [
+        StageConfig(name="align", steps=100, towers="image"),
+        StageConfig(name="fuse", steps=400),
+    ]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: list[StageConfig] = field(default_factory=_default_schedule)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if not self.schedule:
+            raise ValueError("schedule needs at least one stage")
+        names = [s.name for s in self.schedule]
+        if len(set(names)) != len(names):
+            raise ValueError(f"schedule stage names must be unique, got {names}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.schedule)
+
+    def stage_at(self, step: int) -> StageConfig:
+        """The stage that step ``step`` (0-based) belongs to."""
+        for stage in self.schedule:
+            if step < stage.steps:
+                return stage
+            step -= stage.steps
+        return self.schedule[-1]
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up then cosine decay to 5 %."""
+        warm = self.optim.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, self.total_steps - warm)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def with_total_steps(self, steps: int) -> TrainConfig:
+        """The same schedule scaled to ``steps`` in all (each stage keeps its share, >= 1)."""
+        total = self.total_steps
+        stages = [
+            dataclasses.replace(s, steps=max(1, round(s.steps * steps / total)))
+            for s in self.schedule
+        ]
+        return dataclasses.replace(self, schedule=stages)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data or {})
+        model = ModelConfig.from_dict(data.pop("model", {}) or {})
+        return _build(cls, {**data, "model": model})
+
+
+def _build(cls, data):
+    """Build dataclass ``cls`` from nested dicts, naming unknown keys."""
+    if dataclasses.is_dataclass(data) or not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value)
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            value = [_build(typing.get_args(hint)[0], v) for v in value]
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults) and apply ``{"run.workers": 2, ...}`` overrides."""
+    data = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, dotted, value)
+    return TrainConfig.from_dict(data)
+
+
+def train_config(
+    path: str | None = None,
+    *,
+    workers: int | None = None,
+    steps: int | None = None,
+    max_minutes: float | None = None,
+    use_gpu: bool | None = None,
+) -> TrainConfig:
+    """The config from YAML (or defaults) with the command line's usual overrides."""
+    overrides = {"run.workers": workers, "run.max_minutes": max_minutes, "run.use_gpu": use_gpu}
+    cfg = load_config(path, overrides)
+    return cfg.with_total_steps(steps) if steps else cfg

@@ -1,0 +1,216 @@
+"""Export the query and document encoders, and load them back from the export alone.
+
+Layout of an export directory (``train/model/``)::
+
+    query_encoder.safetensors   backbone + text tower + fusion + query heads
+    doc_encoder.safetensors     backbone + text tower + fusion + document head
+    tokenizer.json              the text tokenizer
+    config.json                 model config tree (incl. preprocessing), file digests, model_version
+
+Each weights file is self-contained (shared weights are duplicated), so a serving replica loads
+only the query encoder and an embedding actor only the document encoder. Files are written to a
+temporary name and renamed, ``config.json`` last; ``model_version`` is the first 16 hex digits of
+a sha256 over the config and the file digests, and loading refuses files that do not match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from oclear_ray.model import ModelConfig, RetrievalModel
+from oclear_ray.preprocess import ImageInput, PreprocessConfig, images_to_tensor
+from oclear_ray.text import TextTokenizer
+
+FORMAT = "oclear-ray/encoders/v1"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+ImageBatch = Sequence[ImageInput] | torch.Tensor
+PART_FILES = {"query": "query_encoder.safetensors", "doc": "doc_encoder.safetensors"}
+_OTHER_HEADS = {"query": ("doc_image_head.",), "doc": ("query_image_head.", "query_text_head.")}
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of a state dict, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _version(manifest: dict) -> str:
+    """model_version: sha256 of the canonical JSON of everything but the version itself."""
+    body = {k: v for k, v in manifest.items() if k != "model_version"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp_path)`` then rename, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def exported_config(model: RetrievalModel) -> ModelConfig:
+    """The model's config made self-contained: no local weight paths, the full text config."""
+    config = model.config
+    text_config = model.text_encoder.model.config.to_dict()
+    return dataclasses.replace(
+        config,
+        image=dataclasses.replace(config.image, pretrained_path=None),
+        text=dataclasses.replace(config.text, pretrained_path=None, hf_config=text_config),
+    )
+
+
+def part_state(model: RetrievalModel, part: str) -> dict[str, torch.Tensor]:
+    """CPU copies of the tensors one encoder needs (copies: safetensors refuses shared storage)."""
+    if part not in model.parts:
+        raise ValueError(f"model was built with parts={model.parts}; cannot export {part!r}")
+    return {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in model.state_dict().items()
+        if not name.startswith(_OTHER_HEADS[part])
+    }
+
+
+def export_model(model: RetrievalModel, tokenizer: TextTokenizer, out_dir: str | Path) -> str:
+    """Write both encoders, the tokenizer and config.json into ``out_dir``; return model_version.
+
+    ``model`` must be a full (unsharded) model with both parts.
+    """
+    rows = model.text_encoder.model.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the text encoder only "
+            f"{rows} embeddings; set text.vocab_size >= {tokenizer.vocab_size}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for part, name in PART_FILES.items():
+        state = part_state(model, part)
+        files[name] = tensors_digest(state)
+        metadata = {"format": FORMAT, "part": part}
+        _write_atomic(out / name, partial(safetensors.torch.save_file, state, metadata=metadata))
+    _write_atomic(out / TOKENIZER_FILE, tokenizer.save)
+    files[TOKENIZER_FILE] = _file_sha256(out / TOKENIZER_FILE)
+    manifest = {"format": FORMAT, "model": exported_config(model).to_dict(), "files": files}
+    manifest = json.loads(json.dumps(manifest))  # canonical JSON types (e.g. int dict keys)
+    manifest["model_version"] = _version(manifest)
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    _write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+    return manifest["model_version"]
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    """config.json of an export, checked: known format and a model_version that matches it."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported model at {model_dir}: {CONFIG_FILE} is missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("model_version") != _version(manifest):
+        raise ValueError(
+            f"{path}: model_version {manifest.get('model_version')!r} does not "
+            "match its content (edited or corrupt)"
+        )
+    return manifest
+
+
+@dataclasses.dataclass
+class ExportedEncoder:
+    """A loaded encoder with what it needs to turn raw inputs into embeddings."""
+
+    model: RetrievalModel
+    tokenizer: TextTokenizer
+    preprocess: PreprocessConfig
+    model_version: str
+
+    def images(self, images: ImageBatch) -> torch.Tensor:
+        """Encoded images (bytes / PIL) -> normalised tensor on the model's device."""
+        if not isinstance(images, torch.Tensor):
+            images = images_to_tensor(images, self.preprocess)
+        return images.to(self._device)
+
+    def texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (input_ids, attention_mask) on the model's device."""
+        ids, mask = self.tokenizer.encode(
+            texts, self.preprocess.max_text_length, padding="longest", return_tensors="pt"
+        )
+        return ids.to(self._device), mask.to(self._device)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def encode_doc(
+        self, images: ImageBatch, texts: Sequence[str] | None = None, *, return_gate: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Document embeddings [B, D] (and gates [B]) from images and optional texts."""
+        text = self.texts(texts) if texts is not None else (None, None)
+        return self.model.encode_doc(self.images(images), *text, return_gate=return_gate)
+
+    @torch.inference_mode()
+    def encode_query(
+        self,
+        images: ImageBatch | None = None,
+        texts: Sequence[str] | None = None,
+        *,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Query embeddings [B, D] (and gates [B]) from images, texts, or both."""
+        pixels = self.images(images) if images is not None else None
+        text = self.texts(texts) if texts is not None else (None, None)
+        return self.model.encode_query(pixels, *text, return_gate=return_gate)
+
+
+def _load(model_dir: str | Path, part: str) -> ExportedEncoder:
+    """Rebuild one encoder from config.json and its weights file, checking both digests."""
+    root, manifest = Path(model_dir), read_manifest(model_dir)
+    files = manifest["files"]
+    state = safetensors.torch.load_file(root / PART_FILES[part])
+    if tensors_digest(state) != files[PART_FILES[part]]:
+        raise ValueError(
+            f"{root / PART_FILES[part]} does not match {CONFIG_FILE} "
+            f"(model_version {manifest['model_version']}): mixed or partial export"
+        )
+    if _file_sha256(root / TOKENIZER_FILE) != files[TOKENIZER_FILE]:
+        raise ValueError(f"{root / TOKENIZER_FILE} does not match {CONFIG_FILE}")
+    config = ModelConfig.from_dict(manifest["model"])
+    model = RetrievalModel(config, parts=(part,))
+    model.load_state_dict(state, strict=True)
+    return ExportedEncoder(
+        model=model.eval(),
+        tokenizer=TextTokenizer.from_file(root / TOKENIZER_FILE),
+        preprocess=config.preprocess,
+        model_version=manifest["model_version"],
+    )
+
+
+def load_query_encoder(model_dir: str | Path) -> ExportedEncoder:
+    """The query encoder of an export (``encode_query``), in eval mode on CPU."""
+    return _load(model_dir, "query")
+
+
+def load_doc_encoder(model_dir: str | Path) -> ExportedEncoder:
+    """The document encoder of an export (``encode_doc``), in eval mode on CPU."""
+    return _load(model_dir, "doc")

@@ -1,0 +1,107 @@
+"""Ray Data ingest for training: decode, resize, augment and tokenise outside the trainers.
+
+``PrepareBatches`` decodes and tokenises once (it loads the tokenizer once per actor);
+``augment_docs`` / ``augment_queries`` draw new views every epoch. ``photo_view``
+turns a clean catalog image into something like a user's photo of it (crop, rotation, colour,
+blur, grey, occlusion), which trains the query tower on every class that has documents, also
+on classes no query photo was ever taken of.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from oclear_ray.preprocess import decode_image
+from oclear_ray.text import TextTokenizer
+
+
+def _crop(img: Image.Image, rng: np.random.Generator, scale: tuple[float, float]) -> Image.Image:
+    w, h = img.size
+    s = np.sqrt(rng.uniform(*scale))
+    cw, ch = max(4, int(w * s)), max(4, int(h * s))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def light_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A catalog shot, slightly moved: a mild crop."""
+    return _crop(img, rng, (0.8, 1.0))
+
+
+def photo_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A user-photo-like view: crop, rotation, lighting and colour, blur, grey or edges."""
+    img = _crop(img, rng, (0.55, 1.0))
+    fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+    img = img.rotate(float(rng.uniform(-20, 20)), Image.Resampling.BILINEAR, fillcolor=fill)
+    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.4)))
+    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.6, 1.4)))
+    img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.0, 1.6)))
+    u = rng.random()
+    if u < 0.2:
+        img = ImageOps.grayscale(img).convert("RGB")
+    elif u < 0.35:  # outline drawing: strong edges on white
+        edges = ImageOps.grayscale(img).filter(ImageFilter.FIND_EDGES)
+        img = ImageOps.invert(ImageOps.autocontrast(edges)).convert("RGB")
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+    return img
+
+
+class PrepareBatches:
+    """``map_batches`` class, run once per row: contract rows -> model-ready numpy arrays.
+
+    Output columns: ``image`` uint8 [B, S, S, 3] (zeros for text-only rows), ``has_image``,
+    ``input_ids`` and ``attention_mask`` int64 [B, T], ``label`` int64. Rows whose label is not
+    in the class map are dropped: they cannot be classified.
+    """
+
+    def __init__(
+        self, *, class_map: dict, tokenizer_path: str, image_size: int, max_text_length: int
+    ):
+        self.class_map = class_map
+        self.tokenizer = TextTokenizer.from_file(tokenizer_path)
+        self.size, self.max_len = image_size, max_text_length
+
+    def __call__(self, batch: pa.Table) -> dict:
+        labels = [self.class_map.get(v, -1) for v in batch.column("label").to_pylist()]
+        batch = batch.filter(pa.array([label >= 0 for label in labels]))
+        images = batch.column("image").to_pylist()
+        ids, mask = self.tokenizer.encode(batch.column("text").to_pylist(), self.max_len)
+        blank = np.zeros((self.size, self.size, 3), np.uint8)
+        pixels = [decode_image(b, self.size) if b else blank for b in images]
+        return {
+            "image": np.stack(pixels) if pixels else blank[None][:0],
+            "has_image": np.array([b is not None for b in images], dtype=bool),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "label": np.array([x for x in labels if x >= 0], dtype=np.int64),
+        }
+
+
+def _views(pixels: np.ndarray, make_view, rng: np.random.Generator) -> np.ndarray:
+    out = [np.asarray(make_view(Image.fromarray(p), rng), dtype=np.uint8) for p in pixels]
+    return np.stack(out) if out else pixels
+
+
+def augment_docs(batch: dict, *, augment: bool, doc_as_query_rate: float) -> dict:
+    """Per-epoch document views, plus photo views of a share of them as extra query samples
+    (``query_image`` where ``has_query_image``)."""
+    rng = np.random.default_rng()
+    pixels = batch["image"]
+    if augment:
+        batch["image"] = _views(pixels, light_view, rng)
+    use = rng.random(len(pixels)) < doc_as_query_rate
+    query = np.zeros_like(pixels)
+    if use.any():
+        query[use] = _views(pixels[use], photo_view, rng)
+    batch["query_image"], batch["has_query_image"] = query, use
+    return batch
+
+
+def augment_queries(batch: dict, *, augment: bool) -> dict:
+    """Per-epoch photo views of the query images."""
+    if augment:
+        batch["image"] = _views(batch["image"], photo_view, np.random.default_rng())
+    return batch

@@ -1,0 +1,468 @@
+"""Query and document encoders with concept-aware modality fusion (DESIGN.md, point 2).
+
+One :class:`RetrievalModel` holds the shared timm image backbone, a transformers text tower,
+the fusion module and three projection heads (document image, query image, query text). All
+embeddings are L2-normalised and live in one space. No Ray and no ``torch.distributed`` here:
+the training job shards :meth:`RetrievalModel.shard_units` with FSDP2 itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+from oclear_ray.preprocess import PreprocessConfig
+
+PARTS = ("doc", "query")
+
+
+@dataclass(kw_only=True)
+class ImageEncoderConfig:
+    """A timm backbone by name; random init, or weights from a local state-dict file."""
+
+    name: str = "resnet10t"
+    pretrained_path: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not timm.is_model(self.name):
+            raise ValueError(f"unknown timm model name {self.name!r}")
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    """A BERT-style text tower built from sizes, a full transformers config, or a local folder.
+
+    Precedence: ``pretrained_path`` (a ``save_pretrained`` folder), then ``hf_config`` (a
+    transformers config dict, as written by export), then the size fields (random init).
+    """
+
+    vocab_size: int = 4000
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 64
+    dropout: float = 0.1
+    pretrained_path: str | None = None
+    hf_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"text.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"text.hidden_size {self.hidden_size} is not divisible by "
+                f"text.num_heads {self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"text.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class FusionConfig:
+    """Concept slots reading the text, then the image; plus the per-document modality gate."""
+
+    num_concepts: int = 8
+    dim: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_concepts < 1:
+            raise ValueError(f"fusion.num_concepts must be >= 1, got {self.num_concepts}")
+        if self.dim < 1 or self.num_heads < 1 or self.dim % self.num_heads:
+            raise ValueError(
+                f"fusion.dim {self.dim} must be a positive multiple of "
+                f"fusion.num_heads {self.num_heads}"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"fusion.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"fusion.dropout must be in [0, 1), got {self.dropout}")
+
+
+_SECTIONS = {
+    "image": ImageEncoderConfig,
+    "text": TextEncoderConfig,
+    "fusion": FusionConfig,
+    "preprocess": PreprocessConfig,
+}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The whole model: encoders, fusion, embedding size, and the preprocessing it expects."""
+
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        built_from_sizes = self.text.pretrained_path is None and self.text.hf_config is None
+        if built_from_sizes and self.preprocess.max_text_length > self.text.max_position_embeddings:
+            raise ValueError(
+                f"preprocess.max_text_length {self.preprocess.max_text_length} exceeds "
+                f"text.max_position_embeddings {self.text.max_position_embeddings}"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready nested dict (the inverse of :meth:`from_dict`)."""
+        return {**asdict(self), "preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build from nested plain dicts (JSON/YAML); unknown keys raise a TypeError naming them."""
+        kwargs = {
+            key: _SECTIONS[key](**value) if key in _SECTIONS and isinstance(value, dict) else value
+            for key, value in data.items()
+        }
+        return cls(**kwargs)
+
+
+class ImageStates(NamedTuple):
+    """Image tower output: pooled vector [B, C_pool] and spatial tokens [B, N, C_tok]."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+
+
+class TextStates(NamedTuple):
+    """Text tower output: token states [B, T, H], bool mask [B, T], masked-mean pooled [B, H]."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or a ``torch.save`` file (weights only).
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints and ``module.`` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = safetensors.torch.load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_backbone_weights(net: nn.Module, path: str) -> None:
+    """Load a timm state dict into ``net``; only the (unused) classifier may be left over."""
+    state = load_state_dict_file(path)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    head_prefixes = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+    unexpected = [k for k in unexpected if not k.startswith(head_prefixes)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not match the backbone: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+
+
+class ImageEncoder(nn.Module):
+    """A timm backbone exposing a pooled vector and spatial tokens (CNN map cells or ViT tokens)."""
+
+    def __init__(self, config: ImageEncoderConfig):
+        super().__init__()
+        self.net = timm.create_model(
+            config.name, pretrained=False, num_classes=0, **config.model_kwargs
+        )
+        if config.pretrained_path:
+            _load_backbone_weights(self.net, config.pretrained_path)
+        self.token_dim = self.net.num_features
+        self.pooled_dim = getattr(self.net, "head_hidden_size", None) or self.net.num_features
+
+    def forward(self, images: torch.Tensor) -> ImageStates:
+        feats = self.net.forward_features(images)
+        pooled = self.net.forward_head(feats, pre_logits=True)
+        if feats.ndim == 3:  # ViT-style [B, N, C]: drop class/register tokens
+            tokens = feats[:, getattr(self.net, "num_prefix_tokens", 0) :]
+        elif getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            tokens = feats.flatten(1, 2)
+        else:
+            tokens = feats.flatten(2).transpose(1, 2)
+        return ImageStates(pooled, tokens)
+
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's feature stages (timm ``feature_info``), the natural FSDP units."""
+        names = [info["module"] for info in getattr(self.net, "feature_info", [])]
+        stages = [self.net.get_submodule(n) for n in dict.fromkeys(names) if n]
+        return [m for m in stages if next(m.parameters(), None) is not None]
+
+
+def _build_text_model(config: TextEncoderConfig) -> nn.Module:
+    """The transformers encoder for ``config``, without its (unused) pooler, in float32."""
+    if config.pretrained_path:
+        model = AutoModel.from_pretrained(config.pretrained_path)
+    elif config.hf_config:
+        hf = dict(config.hf_config)
+        model = AutoModel.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
+    else:
+        hf = BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_position_embeddings,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+        )
+        model = BertModel(hf, add_pooling_layer=False)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # we mean-pool; an unused pooler would only add dead parameters
+    return model.float()
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tokens`` [B, T, H] over positions where ``mask`` [B, T] is set; 0 if none."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class TextEncoder(nn.Module):
+    """A transformers encoder returning token states, the mask and a masked-mean pooled vector."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.model = _build_text_model(config)
+        self.dim = self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextStates:
+        mask = attention_mask.bool()
+        safe = mask.clone()
+        safe[:, 0] |= ~mask.any(1)  # text-free rows attend to one pad token: finite, then ignored
+        tokens = self.model(input_ids=input_ids, attention_mask=safe.long()).last_hidden_state
+        return TextStates(tokens, mask, masked_mean(tokens, mask))
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer layers, the natural FSDP units."""
+        depth = getattr(self.model.config, "num_hidden_layers", None)
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == depth:
+                return list(module)
+        return []
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention plus MLP: a set of queries reads a (padded) key/value sequence."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None = None):
+        kv = self.norm_kv(kv)
+        x = x + self.attn(self.norm_q(x), kv, kv, key_padding_mask=kv_pad, need_weights=False)[0]
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class ConceptFusion(nn.Module):
+    """Concept-aware fusion of an image and its text into one embedding, with a modality gate.
+
+    K learned concept slots read the text tokens (the concepts the text states), then read the
+    image tokens (text-to-image attention); their mean, projected, is the concept evidence. A gate
+    g in [0, 1] from the pooled image, pooled text and log text length mixes the image embedding (g)
+    with the concept evidence (1 - g). Rows without text take the image embedding as is (g = 1),
+    so their output cannot depend on the text tower or the concept path.
+    """
+
+    def __init__(
+        self, image: ImageEncoder, text: TextEncoder, config: FusionConfig, embed_dim: int
+    ):
+        super().__init__()
+        dim = config.dim
+        self.image_proj = nn.Linear(image.token_dim, dim)
+        self.text_proj = nn.Linear(text.dim, dim)
+        self.concepts = nn.Parameter(torch.randn(config.num_concepts, dim) * 0.02)
+        block = (dim, config.num_heads, config.mlp_ratio, config.dropout)
+        self.read_text, self.read_image = CrossAttentionBlock(*block), CrossAttentionBlock(*block)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
+        self.gate_image_norm = nn.LayerNorm(image.pooled_dim)
+        self.gate_text_norm = nn.LayerNorm(text.dim)
+        self.gate = nn.Sequential(
+            nn.Linear(image.pooled_dim + text.dim + 1, dim), nn.GELU(), nn.Linear(dim, 1)
+        )
+
+    def concept_embedding(self, image: ImageStates, text: TextStates) -> torch.Tensor:
+        """Concept evidence [B, D], unit length: concepts read the text, then the image."""
+        pad = ~text.mask
+        pad[:, 0] &= text.mask.any(1)  # text-free rows: keep one key so attention stays finite
+        concepts = self.concepts.expand(text.tokens.shape[0], -1, -1)
+        concepts = self.read_text(concepts, self.text_proj(text.tokens), pad)
+        concepts = self.read_image(concepts, self.image_proj(image.tokens))
+        return F.normalize(self.out(concepts.mean(1)), dim=-1)
+
+    def gate_value(self, image: ImageStates, text: TextStates) -> torch.Tensor:
+        """Weight of the image evidence per row, [B] in [0, 1]; exactly 1 where text is empty."""
+        length = torch.log1p(text.mask.sum(1, keepdim=True).to(image.pooled.dtype))
+        features = [self.gate_image_norm(image.pooled), self.gate_text_norm(text.pooled), length]
+        gate = torch.sigmoid(self.gate(torch.cat(features, dim=-1))).squeeze(-1)
+        return torch.where(text.mask.any(1), gate, torch.ones_like(gate))
+
+    def forward(
+        self, image_emb: torch.Tensor, image: ImageStates, text: TextStates
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused embedding [B, D] unit length, gate [B]) from a unit image embedding and states."""
+        gate = self.gate_value(image, text)
+        g = gate.unsqueeze(-1)
+        fused = F.normalize(g * image_emb + (1 - g) * self.concept_embedding(image, text), dim=-1)
+        return torch.where(text.mask.any(1, keepdim=True), fused, image_emb), gate
+
+
+def _head(in_dim: int, out_dim: int) -> nn.Module:
+    """Projection head into the shared embedding space."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+
+
+class RetrievalModel(nn.Module):
+    """Document and query encoders sharing one image backbone, one text tower and the fusion.
+
+    ``parts`` selects which heads exist: ``("doc",)`` builds only the document encoder,
+    ``("query",)`` only the query encoder (used when loading an exported encoder).
+    """
+
+    def __init__(self, config: ModelConfig, *, parts: Sequence[str] = PARTS):
+        super().__init__()
+        if not parts or set(parts) - set(PARTS):
+            raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)}")
+        self.config, self.parts = config, tuple(p for p in PARTS if p in parts)
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_encoder = TextEncoder(config.text)
+        self.fusion = ConceptFusion(
+            self.image_encoder, self.text_encoder, config.fusion, config.embed_dim
+        )
+        image_dim, text_dim, dim = (
+            self.image_encoder.pooled_dim,
+            self.text_encoder.dim,
+            config.embed_dim,
+        )
+        self.doc_image_head = _head(image_dim, dim) if "doc" in parts else None
+        self.query_image_head = _head(image_dim, dim) if "query" in parts else None
+        self.query_text_head = _head(text_dim, dim) if "query" in parts else None
+
+    def forward(
+        self,
+        kind: str,
+        images: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``encode_doc`` (kind "doc") or ``encode_query`` (kind "query") through ``__call__``.
+
+        Wrappers that hook ``forward`` (FSDP2 all-gathers the root's own parameters there, DDP)
+        need this entry point; alternatively register both encode methods with FSDP2's
+        ``register_fsdp_forward_method``.
+        """
+        if kind not in PARTS:
+            raise ValueError(f"kind must be one of {PARTS}, got {kind!r}")
+        encode = self.encode_doc if kind == "doc" else self.encode_query
+        return encode(images, input_ids, attention_mask, return_gate=return_gate)
+
+    def _require(self, part: str) -> None:
+        if part not in self.parts:
+            raise RuntimeError(f"this model was built with parts={self.parts}, not {part!r}")
+
+    def _text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> TextStates:
+        if attention_mask is None:
+            raise ValueError("attention_mask is required with input_ids")
+        return self.text_encoder(input_ids, attention_mask)
+
+    def encode_doc(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Document embeddings [B, D] (and the image gate [B]); without text: image only, gate 1."""
+        self._require("doc")
+        emb, gate = self._encode_image(images, self.doc_image_head, input_ids, attention_mask)
+        return (emb, gate) if return_gate else emb
+
+    def encode_query(
+        self,
+        images: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Query embeddings [B, D] from a photo, a typed text, or both (fused like a document).
+
+        The gate is 1 for image-only, 0 for text-only queries.
+        """
+        self._require("query")
+        if images is None and input_ids is None:
+            raise ValueError("encode_query needs images, input_ids (text), or both; got neither")
+        if images is None:
+            emb = self._text_query(self._text(input_ids, attention_mask))
+            gate = torch.zeros_like(emb[:, 0])
+            return (emb, gate) if return_gate else emb
+        emb, gate = self._encode_image(images, self.query_image_head, input_ids, attention_mask)
+        return (emb, gate) if return_gate else emb
+
+    def _encode_image(
+        self,
+        images: torch.Tensor,
+        head: nn.Module,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image embedding through ``head``, fused with the text when given: (emb, gate)."""
+        image = self.image_encoder(images)
+        emb = F.normalize(head(image.pooled), dim=-1)
+        if input_ids is None:
+            return emb, torch.ones_like(emb[:, 0])
+        return self.fusion(emb, image, self._text(input_ids, attention_mask))
+
+    def _text_query(self, text: TextStates) -> torch.Tensor:
+        """Text-only query embedding; every row must carry some text."""
+        empty = (~text.mask.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"text-only query rows {empty[:10]} have no text tokens")
+        return F.normalize(self.query_text_head(text.pooled), dim=-1)
+
+    def shard_units(self) -> list[nn.Module]:
+        """Submodules to wrap with FSDP2 ``fully_shard`` (in forward order) before the root."""
+        return [*self.image_encoder.blocks(), *self.text_encoder.blocks(), self.fusion]

@@ -1,0 +1,418 @@
+"""The train stage: Ray Data ingest -> Ray Train workers (FSDP2 encoders + sharded classifier).
+
+``fit`` runs on the driver: it validates the inputs (quarantining bad rows), builds the class
+map and the tokenizer, wires the Ray Data pipelines to a ``TorchTrainer`` and returns where the
+exported model is. ``train_loop_per_worker`` is what each worker runs: build, shard, restore,
+step, checkpoint, export. Rerunning with the same work directory resumes from the last
+checkpoint, with the same or another number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from oclear_ray import parallel, storage
+from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
+from oclear_ray.config import TrainConfig
+from oclear_ray.contract import CATALOG, QUERIES
+from oclear_ray.model import RetrievalModel
+
+LOG = "[oclear train]"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class Batch:
+    """One worker's step input, as tensors on its device."""
+
+    doc_images: torch.Tensor
+    doc_ids: torch.Tensor
+    doc_mask: torch.Tensor
+    doc_labels: torch.Tensor
+    query_images: torch.Tensor
+    query_labels: torch.Tensor
+
+
+def _normalise(images: torch.Tensor, pre, device) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> float [B, 3, S, S] with the model's mean and std."""
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    return (images.to(device).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def _forever(shard, batch_size: int, name: str):
+    """Batches of a dataset shard, epoch after epoch."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size
+        ):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(
+                f"the {name} shard of a worker has fewer rows than one batch ({batch_size}); "
+                "lower the batch size or the number of workers"
+            )
+
+
+def _make_batch(docs: dict, queries: dict | None, pre, device) -> Batch:
+    extra = docs["has_query_image"].bool()
+    q_images = [docs["query_image"][extra]]
+    q_labels = [docs["label"][extra]]
+    if queries is not None:
+        has = queries["has_image"].bool()
+        q_images.append(queries["image"][has])
+        q_labels.append(queries["label"][has])
+    return Batch(
+        doc_images=_normalise(docs["image"], pre, device),
+        doc_ids=docs["input_ids"].to(device),
+        doc_mask=docs["attention_mask"].to(device),
+        doc_labels=docs["label"].to(device),
+        query_images=_normalise(torch.cat(q_images), pre, device),
+        query_labels=torch.cat(q_labels).to(device),
+    )
+
+
+def train_step(model, head, batch: Batch, *, towers: str) -> torch.Tensor:
+    """Embed documents and query views; one margin softmax over both (they share centres).
+
+    ``towers="image"`` (alignment stage) leaves the text out; ``"all"`` fuses the document text
+    and also trains the text query head on the documents' own titles.
+    """
+    use_text = towers == "all"
+    ids, mask = (batch.doc_ids, batch.doc_mask) if use_text else (None, None)
+    embs = [model.encode_doc(batch.doc_images, ids, mask)]
+    labels = [batch.doc_labels]
+    if batch.query_images.shape[0]:
+        embs.append(model.encode_query(batch.query_images))
+        labels.append(batch.query_labels)
+    has_text = batch.doc_mask.bool().any(1)
+    if use_text and has_text.any():
+        embs.append(model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text]))
+        labels.append(batch.doc_labels[has_text])
+    return head(torch.cat(embs), torch.cat(labels))
+
+
+def _checkpoint_state(model, optim, head, head_optim) -> dict:
+    """Everything a resume needs, as DCP-savable (sharded DTensor) state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optim)
+    momentum = head_optim.state.get(head.weight, {}).get("momentum_buffer")
+    if momentum is None:
+        momentum = torch.zeros_like(head.weight)
+    return {
+        "model": model_state,
+        "optim": optim_state,
+        "head": head.state_dict(),
+        "head_momentum": parallel.to_row_sharded(momentum, head.config.num_classes, head.group),
+        "step": torch.zeros((), dtype=torch.int64),
+    }
+
+
+def _restore(checkpoint, model, optim, head, head_optim) -> int:
+    """Load a checkpoint taken with any number of workers; return the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _checkpoint_state(model, optim, head, head_optim)
+    with checkpoint.as_directory() as path:
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    head.load_state_dict(state["head"])
+    momentum = parallel.from_row_sharded(
+        state["head_momentum"], head.config.num_classes, head.start, head.stop
+    )
+    head_optim.state[head.weight]["momentum_buffer"] = momentum.clone()
+    return int(state["step"])
+
+
+def _save(step: int, model, optim, head, head_optim, metrics: dict) -> None:
+    """DCP checkpoint (each rank writes its shards) reported to Ray Train."""
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+
+    state = _checkpoint_state(model, optim, head, head_optim)
+    state["step"] = torch.tensor(step, dtype=torch.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp.save(state, checkpoint_id=tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _build(cfg: TrainConfig, num_classes: int, device):
+    torch.manual_seed(cfg.run.seed)  # identical full parameters on every rank before sharding
+    model = RetrievalModel(cfg.model).to(device)
+    head_cfg = ClassifierConfig(
+        num_classes=num_classes,
+        dim=cfg.model.embed_dim,
+        margin=cfg.head.margin,
+        m=cfg.head.m,
+        s=cfg.head.scale,
+        sample_rate=cfg.head.sample_rate,
+    )
+    head = ShardedMarginSoftmax(head_cfg).to(device)
+    if cfg.run.fsdp and head.world_size > 1:
+        parallel.apply_fsdp(model, model.shard_units(), ("encode_doc", "encode_query"))
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    head_optim = torch.optim.SGD(head.parameters(), lr=cfg.optim.head_lr, momentum=0.9)
+    return model, head, optim, head_optim
+
+
+def _set_lr(cfg: TrainConfig, step: int, optim, head_optim) -> None:
+    f = cfg.lr_factor(step)
+    for group in optim.param_groups:
+        group["lr"] = cfg.optim.lr * f
+    for group in head_optim.param_groups:
+        group["lr"] = cfg.optim.head_lr * f
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, shard, restore, train to the step budget or the deadline,
+    checkpoint, and export (rank 0 writes the model)."""
+    import ray.train
+    import ray.train.torch
+
+    started = time.monotonic()
+    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    device = ray.train.torch.get_device()
+    model, head, optim, head_optim = _build(cfg, config["num_classes"], device)
+    checkpoint = ray.train.get_checkpoint()
+    step = _restore(checkpoint, model, optim, head, head_optim) if checkpoint else 0
+    pre = cfg.model.preprocess
+    docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs")
+    shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
+    queries = _forever(shard, cfg.data.query_batch_size, "queries") if shard else None
+    deadline = started + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16")
+    clock = {"wait": 0.0, "total": 0.0, "samples": 0}
+    while step < cfg.total_steps:
+        t0 = time.monotonic()
+        batch = _make_batch(next(docs), next(queries) if queries else None, pre, device)
+        t1 = time.monotonic()
+        _set_lr(cfg, step, optim, head_optim)
+        with autocast:
+            loss = train_step(model, head, batch, towers=cfg.stage_at(step).towers)
+        loss.backward()
+        optim.step(), head_optim.step()
+        optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
+        step += 1
+        clock["wait"] += t1 - t0
+        clock["total"] += time.monotonic() - t0
+        clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
+        out_of_time = parallel.any_rank(deadline is not None and time.monotonic() > deadline)
+        done = step >= cfg.total_steps or out_of_time
+        if step % cfg.run.log_every == 0 or done or step % cfg.run.checkpoint_every == 0:
+            metrics = _metrics(step, loss, cfg, clock, head.world_size)
+            if step % cfg.run.checkpoint_every == 0 or done:
+                _save(step, model, optim, head, head_optim, metrics)
+            else:
+                ray.train.report(metrics)
+            if ray.train.get_context().get_world_rank() == 0:
+                print(
+                    LOG,
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items()
+                    ),
+                    flush=True,
+                )
+        if out_of_time:
+            break
+    _export(model, cfg, config)
+
+
+def _metrics(step, loss, cfg, clock, world) -> dict:
+    total = max(clock["total"], 1e-9)
+    metrics = {
+        "step": step,
+        "stage": cfg.stage_at(step - 1).name,
+        "loss": float(loss.detach()),
+        "samples_per_s": clock["samples"] * world / total,
+        "data_wait": clock["wait"] / total,
+    }
+    clock.update(wait=0.0, total=0.0, samples=0)
+    return metrics
+
+
+def _export(model, cfg: TrainConfig, config: dict) -> None:
+    """Gather the full weights (a collective) and let rank 0 export the encoders."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from oclear_ray.export import export_model
+    from oclear_ray.text import TextTokenizer
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    plain = RetrievalModel(cfg.model)
+    plain.load_state_dict(state)
+    tokenizer = TextTokenizer.from_file(config["tokenizer_path"])
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(plain.eval(), tokenizer, tmp)
+        storage.copy_dir(tmp, config["model_dir"])
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    num_classes: int
+    steps: int
+    metrics: dict | None
+    quarantined: dict
+
+
+def _validated(path: str, contract, workdir: str, progress=None):
+    """Read, validate (quarantining bad rows) and return the clean dataset and its report."""
+    from oclear_ray.read import clean, read, validate
+
+    name = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
+    report = validate(
+        read(path, contract),
+        contract,
+        storage.join(workdir, "quarantine", f"{name}.parquet"),
+        progress=progress,
+    )
+    return clean(read(path, contract), contract, report), report
+
+
+def build_class_map(*label_sets) -> dict[str, int]:
+    """Raw label -> class id, sorted for stability (used when no governance class map exists)."""
+    labels = sorted(set().union(*label_sets))
+    return {label: i for i, label in enumerate(labels)}
+
+
+def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
+    """Decode and tokenise once (cached in the object store when it fits), augment per epoch."""
+    from ray.data import ActorPoolStrategy
+
+    from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries
+
+    pre = cfg.model.preprocess
+    prepared = ds.map_batches(
+        PrepareBatches,
+        batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=0.5,
+        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        fn_constructor_kwargs=dict(
+            class_map=class_map,
+            tokenizer_path=tokenizer_path,
+            image_size=pre.image_size,
+            max_text_length=pre.max_text_length,
+        ),
+    )
+    if cfg.data.cache:
+        prepared = prepared.materialize()
+    if view == "doc":
+        fn, kwargs = augment_docs, {"doc_as_query_rate": cfg.data.doc_as_query_rate}
+    else:
+        fn, kwargs = augment_queries, {}
+    kwargs["augment"] = cfg.data.augment
+    return prepared.randomize_block_order().map_batches(
+        fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=128, num_cpus=0.5
+    )
+
+
+def fit(
+    cfg: TrainConfig,
+    *,
+    catalog: str,
+    workdir: str,
+    queries: str | None = None,
+    class_map: dict | None = None,
+    name: str = "train",
+    progress=None,
+) -> TrainResult:
+    """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from oclear_ray.text import train_tokenizer
+
+    docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
+    q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
+    if class_map is None:
+        class_map = build_class_map(doc_report.label_set, q_report.label_set if q_report else set())
+    if not class_map:
+        raise ValueError(f"no labelled documents in {catalog}: training needs a label column")
+    train_dir = storage.join(workdir, "train")
+    tokenizer_path = _tokenizer(train_dir, docs, cfg, train_tokenizer)
+    vocab = _vocab_size(tokenizer_path)
+    cfg = replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, vocab_size=vocab)))
+    datasets = {
+        "docs": _pipeline(
+            docs, view="doc", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
+        )
+    }
+    if q_ds is not None:
+        datasets["queries"] = _pipeline(
+            q_ds, view="query", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
+        )
+    model_dir = storage.join(train_dir, "model")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "num_classes": len(class_map),
+            "has_queries": q_ds is not None,
+            "tokenizer_path": tokenizer_path,
+            "model_dir": model_dir,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=_abs(storage.join(train_dir, "runs")),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    quarantined = {"catalog": doc_report.quarantined}
+    if q_report:
+        quarantined["queries"] = q_report.quarantined
+    return TrainResult(model_dir, len(class_map), cfg.total_steps, result.metrics, quarantined)
+
+
+def _abs(path: str) -> str:
+    return path if storage.is_uri(path) else os.path.abspath(path)
+
+
+def _tokenizer(train_dir: str, docs, cfg: TrainConfig, train_tokenizer) -> str:
+    """Train the text tokenizer on the catalog's own text once; reuse it on resume."""
+    path = storage.join(train_dir, "tokenizer.json")
+    if not storage.exists(path):
+        texts = (
+            t
+            for b in docs.select_columns(["text"]).iter_batches(batch_format="pyarrow")
+            for t in b.column("text").to_pylist()
+        )
+        tok = train_tokenizer(texts, vocab_size=cfg.model.text.vocab_size)
+        storage.write_bytes(path, tok.tokenizer.to_str().encode())
+    return _abs(path)
+
+
+def _vocab_size(tokenizer_path: str) -> int:
+    from oclear_ray.text import TextTokenizer
+
+    return TextTokenizer.from_file(tokenizer_path).vocab_size
