@@ -165,7 +165,22 @@ def _build(cfg: TrainConfig, num_classes: int, device):
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     head_optim = torch.optim.SGD(head.parameters(), lr=cfg.optim.head_lr, momentum=0.9)
+    _init_state(optim)
     return model, head, optim, head_optim
+
+
+def _init_state(optim) -> None:
+    """Give every parameter its optimizer state with a zero step (lr 0, zero gradients), so
+    checkpoints hold the same keys whichever towers a stage trained."""
+    lrs = [g["lr"] for g in optim.param_groups]
+    for group in optim.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    for group, lr in zip(optim.param_groups, lrs, strict=True):
+        group["lr"] = lr
 
 
 def _set_lr(cfg: TrainConfig, step: int, optim, head_optim) -> None:
@@ -189,6 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, head, optim, head_optim = _build(cfg, config["num_classes"], device)
     checkpoint = ray.train.get_checkpoint()
     step = _restore(checkpoint, model, optim, head, head_optim) if checkpoint else 0
+    resumed_from = step
     pre = cfg.model.preprocess
     docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs")
     shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
@@ -214,6 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
         done = step >= cfg.total_steps or out_of_time
         if step % cfg.run.log_every == 0 or done or step % cfg.run.checkpoint_every == 0:
             metrics = _metrics(step, loss, cfg, clock, head.world_size)
+            metrics["resumed_from"] = resumed_from
             if step % cfg.run.checkpoint_every == 0 or done:
                 _save(step, model, optim, head, head_optim, metrics)
             else:
