@@ -1,0 +1,53 @@
+"""The training config tree: YAML files, overrides, validation messages, schedule arithmetic."""
+
+from pathlib import Path
+
+import pytest
+
+from oclear_ray.config import TrainConfig, load_config, train_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(str(path))
+    assert cfg.total_steps > 0
+    assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_cpu_small_is_the_default():
+    small = load_config(str(Path(__file__).parent.parent / "configs" / "cpu-small.yaml"))
+    assert small.to_dict() == TrainConfig().to_dict()
+
+
+def test_overrides_and_step_scaling():
+    cfg = train_config(None, workers=3, steps=50, max_minutes=2.5)
+    assert (cfg.run.workers, cfg.run.max_minutes) == (3, 2.5)
+    assert [s.steps for s in cfg.schedule] == [10, 40]
+    assert cfg.stage_at(9).name == "align" and cfg.stage_at(10).name == "fuse"
+
+
+def test_lr_schedule_warms_up_and_decays():
+    cfg = TrainConfig()
+    f = [cfg.lr_factor(s) for s in range(cfg.total_steps)]
+    assert f[0] == pytest.approx(1 / cfg.optim.warmup_steps)
+    assert max(f) == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"head": {"margin": "softmax"}}, "head.margin must be one of"),
+        ({"head": {"sample_rate": 0}}, r"head.sample_rate must be in \(0, 1\], got 0"),
+        ({"run": {"precision": "fp8"}}, "run.precision must be one of"),
+        ({"run": {"workers": 0}}, "run.workers must be >= 1, got 0"),
+        ({"schedule": [{"name": "a", "steps": 1, "towers": "text"}]}, "towers must be one of"),
+        ({"schedule": []}, "schedule needs at least one stage"),
+        ({"run": {"wrokers": 2}}, r"unknown RunConfig keys: \['wrokers'\]"),
+    ],
+)
+def test_bad_values_are_named(data, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(data)
