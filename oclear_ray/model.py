@@ -29,7 +29,7 @@ PARTS = ("doc", "query")
 class ImageEncoderConfig:
     """A timm backbone by name; random init, or weights from a local state-dict file."""
 
-    name: str = "resnet10t"
+    name: str = "convnext_atto"
     pretrained_path: str | None = None
     model_kwargs: dict = field(default_factory=dict)
 
@@ -378,25 +378,27 @@ class RetrievalModel(nn.Module):
         self.query_image_head = _head(image_dim, dim) if "query" in parts else None
         self.query_text_head = _head(text_dim, dim) if "query" in parts else None
 
-    def forward(
+    def encode_pair(
         self,
-        kind: str,
-        images: torch.Tensor | None = None,
+        doc_images: torch.Tensor,
+        query_images: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        *,
-        return_gate: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``encode_doc`` (kind "doc") or ``encode_query`` (kind "query") through ``__call__``.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: (document embeddings, query-photo embeddings).
 
-        Wrappers that hook ``forward`` (FSDP2 all-gathers the root's own parameters there, DDP)
-        need this entry point; alternatively register both encode methods with FSDP2's
-        ``register_fsdp_forward_method``.
+        One backbone pass over documents and query photos together, so that batch-norm
+        statistics mix both domains as the running statistics used at inference do; then each
+        side's head, documents fused with their text when ``input_ids`` are given.
         """
-        if kind not in PARTS:
-            raise ValueError(f"kind must be one of {PARTS}, got {kind!r}")
-        encode = self.encode_doc if kind == "doc" else self.encode_query
-        return encode(images, input_ids, attention_mask, return_gate=return_gate)
+        n = doc_images.shape[0]
+        image = self.image_encoder(torch.cat([doc_images, query_images]))
+        docs = ImageStates(image.pooled[:n], image.tokens[:n])
+        doc = F.normalize(self.doc_image_head(docs.pooled), dim=-1)
+        if input_ids is not None:
+            doc, _ = self.fusion(doc, docs, self._text(input_ids, attention_mask))
+        query = F.normalize(self.query_image_head(image.pooled[n:]), dim=-1)
+        return doc, query
 
     def _require(self, part: str) -> None:
         if part not in self.parts:

@@ -89,11 +89,8 @@ def train_step(model, head, batch: Batch, *, towers: str) -> torch.Tensor:
     """
     use_text = towers == "all"
     ids, mask = (batch.doc_ids, batch.doc_mask) if use_text else (None, None)
-    embs = [model.encode_doc(batch.doc_images, ids, mask)]
-    labels = [batch.doc_labels]
-    if batch.query_images.shape[0]:
-        embs.append(model.encode_query(batch.query_images))
-        labels.append(batch.query_labels)
+    doc, query = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
+    embs, labels = [doc, query], [batch.doc_labels, batch.query_labels]
     has_text = batch.doc_mask.bool().any(1)
     if use_text and has_text.any():
         embs.append(model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text]))
@@ -160,7 +157,7 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     )
     head = ShardedMarginSoftmax(head_cfg).to(device)
     if cfg.run.fsdp and head.world_size > 1:
-        parallel.apply_fsdp(model, model.shard_units(), ("encode_doc", "encode_query"))
+        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair", "encode_query"))
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )

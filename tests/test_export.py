@@ -44,6 +44,7 @@ def tokenizer():
 def model(tokenizer):
     torch.manual_seed(0)
     config = ModelConfig(
+        image=ImageEncoderConfig(name="resnet10t"),  # BatchNorm: buffers go through export too
         text=TextEncoderConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=16),
         preprocess=PreprocessConfig(image_size=32, max_text_length=16),
     )

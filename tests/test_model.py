@@ -146,7 +146,7 @@ def test_shard_units_are_submodules_in_forward_order(model):
     assert all(any(u is m for m in modules) for u in units)
     assert units[-1] is model.fusion
     assert units[-3:-1] == model.text_encoder.blocks() and len(model.text_encoder.blocks()) == 2
-    assert len(model.image_encoder.blocks()) == 4  # resnet10t: layer1..layer4
+    assert model.image_encoder.blocks() == list(model.image_encoder.net.stages)  # convnext_atto
 
 
 def test_spatial_tokens_for_cnn_and_vit():
@@ -234,9 +234,8 @@ def test_config_round_trips_through_plain_dicts():
 
 
 @torch.no_grad()
-def test_forward_dispatches_by_kind_for_wrappers(model, batch):
+def test_encode_pair_matches_the_encode_methods(model, batch):
     images, ids, mask = batch
-    assert torch.equal(model("doc", images, ids, mask), model.encode_doc(images, ids, mask))
-    assert torch.equal(model("query", images), model.encode_query(images))
-    with pytest.raises(ValueError, match="kind must be one of .* got 'photo'"):
-        model("photo", images)
+    doc, query = model.encode_pair(images, images.flip(0), ids, mask)
+    torch.testing.assert_close(doc, model.encode_doc(images, ids, mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(query, model.encode_query(images.flip(0)), atol=1e-6, rtol=0)
