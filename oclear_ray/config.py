@@ -63,10 +63,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW for the encoders, SGD with momentum for the classifier shard; cosine decay."""
+    """AdamW for the encoders and for the classifier shard (no decay on centres); cosine decay."""
 
     lr: float = 2e-3
-    head_lr: float = 0.1
+    head_lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
 

@@ -98,19 +98,28 @@ def train_step(model, head, batch: Batch, *, towers: str) -> torch.Tensor:
     return head(torch.cat(embs), torch.cat(labels))
 
 
+def _head_optim_state(head, head_optim) -> dict:
+    """The classifier optimizer's per-row state (e.g. Adam moments) as ``Shard(0)`` tensors."""
+    state = head_optim.state[head.weight]
+    rows = head.weight.shape
+    return {
+        k: parallel.to_row_sharded(v, head.config.num_classes, head.group)
+        if torch.is_tensor(v) and v.shape == rows
+        else v
+        for k, v in state.items()
+    }
+
+
 def _checkpoint_state(model, optim, head, head_optim) -> dict:
     """Everything a resume needs, as DCP-savable (sharded DTensor) state."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optim)
-    momentum = head_optim.state.get(head.weight, {}).get("momentum_buffer")
-    if momentum is None:
-        momentum = torch.zeros_like(head.weight)
     return {
         "model": model_state,
         "optim": optim_state,
         "head": head.state_dict(),
-        "head_momentum": parallel.to_row_sharded(momentum, head.config.num_classes, head.group),
+        "head_optim": _head_optim_state(head, head_optim),
         "step": torch.zeros((), dtype=torch.int64),
     }
 
@@ -125,11 +134,15 @@ def _restore(checkpoint, model, optim, head, head_optim) -> int:
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     head.load_state_dict(state["head"])
-    momentum = parallel.from_row_sharded(
-        state["head_momentum"], head.config.num_classes, head.start, head.stop
-    )
-    head_optim.state[head.weight]["momentum_buffer"] = momentum.clone()
+    n, start, stop = head.config.num_classes, head.start, head.stop
+    head_optim.state[head.weight] = {
+        k: parallel.from_row_sharded(v, n, start, stop).clone() if k in _ROW_STATE else v
+        for k, v in state["head_optim"].items()
+    }
     return int(state["step"])
+
+
+_ROW_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def _save(step: int, model, optim, head, head_optim, metrics: dict) -> None:
@@ -161,8 +174,9 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
-    head_optim = torch.optim.SGD(head.parameters(), lr=cfg.optim.head_lr, momentum=0.9)
+    head_optim = torch.optim.AdamW(head.parameters(), lr=cfg.optim.head_lr, weight_decay=0.0)
     _init_state(optim)
+    _init_state(head_optim)
     return model, head, optim, head_optim
 
 
