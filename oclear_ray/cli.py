@@ -142,3 +142,132 @@ def train(
     console.print(f"model: {result.model_dir} ({result.num_classes} classes)")
     if result.metrics:
         console.print_json(json.dumps(result.metrics))
+
+
+@app.command()
+def embed(
+    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    workdir: str = typer.Option(..., help="Work directory (embeddings go to WORKDIR/embed)."),
+    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    format: str | None = typer.Option(
+        None, help="parquet, manifest or webdataset; default: guess."
+    ),
+    actors: int = typer.Option(1, help="Embedding actors (each loads the encoder once)."),
+    cpus_per_actor: float = typer.Option(1.0, help="Ray CPUs per actor (may be fractional)."),
+    threads_per_actor: int | None = typer.Option(
+        None, help="Torch threads per actor; default: its whole CPUs."
+    ),
+    batch_size: int = typer.Option(64, help="Documents per encoder call."),
+    rows_per_part: int = typer.Option(10_000, help="Rows per output part (the resume unit)."),
+    use_gpu: bool | None = typer.Option(
+        None, "--use-gpu/--no-gpu", help="One GPU per actor; default: when the cluster has GPUs."
+    ),
+    address: RayAddress = None,
+):
+    """Embed a catalog with the document encoder into WORKDIR/embed; a rerun resumes."""
+    from oclear_ray.contract import SchemaError
+    from oclear_ray.embed import EmbedConfig, embed_catalog
+    from oclear_ray.runtime import init_ray
+
+    try:
+        config = EmbedConfig(
+            batch_size=batch_size,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            threads_per_actor=threads_per_actor,
+            use_gpu=use_gpu,
+            rows_per_part=rows_per_part,
+        )
+        init_ray(address)
+        with progress_bar("embed") as advance:
+            result = embed_catalog(
+                catalog,
+                workdir,
+                model_dir=model_dir,
+                config=config,
+                format=format,
+                progress=advance,
+            )
+    except (SchemaError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(vars(result)))
+
+
+@app.command()
+def index(
+    workdir: str = typer.Option(..., help="Work directory (reads WORKDIR/embed)."),
+    shards: int | None = typer.Option(None, help="FAISS shards; default: as built, else 1."),
+    factory: str | None = typer.Option(None, help="FAISS factory string; default: automatic."),
+    memory_gb: float = typer.Option(8.0, help="Memory budget of all shards (automatic type)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild from the embeddings."),
+    rebuild_fraction: float = typer.Option(
+        0.3, help="Rebuild when changes since the build pass this share."
+    ),
+    delete: Annotated[
+        list[str] | None, typer.Option("--delete", help="doc_id to delete (repeatable).")
+    ] = None,
+    delete_file: Annotated[
+        Path | None, typer.Option(help="File of doc_ids to delete, one a line.")
+    ] = None,
+    address: RayAddress = None,
+):
+    """Build the FAISS shards from WORKDIR/embed, or bring them up to date."""
+    from oclear_ray.index import IndexConfig, sync_index
+    from oclear_ray.runtime import init_ray
+
+    ids = list(delete or [])
+    if delete_file is not None:
+        ids += [line.strip() for line in delete_file.read_text().splitlines() if line.strip()]
+    try:
+        config = IndexConfig(
+            shards=shards, factory=factory, memory_gb=memory_gb, rebuild_fraction=rebuild_fraction
+        )
+        init_ray(address)
+        with console.status("index"):
+            result = sync_index(workdir, config, rebuild=rebuild, delete=ids)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(result.to_dict()))
+
+
+@app.command()
+def search(
+    images: Annotated[list[Path] | None, typer.Argument(help="Query photos.")] = None,
+    workdir: str = typer.Option(..., help="Work directory (WORKDIR/index, WORKDIR/train/model)."),
+    text: str | None = typer.Option(None, help="Typed query: with each photo, or alone."),
+    k: int = typer.Option(10, help="Documents per query."),
+    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+):
+    """Embed query photos and/or a text with the query encoder; print the top documents."""
+    from oclear_ray.export import load_query_encoder
+    from oclear_ray.search import IndexRefused, SearchIndex
+
+    if not images and not text:
+        console.print("[red]error:[/red] give query photos, --text, or both")
+        raise typer.Exit(2)
+    try:
+        encoder = load_query_encoder(model_dir or os.path.join(workdir, "train", "model"))
+        found = SearchIndex.load(
+            os.path.join(workdir, "index"), expected_model_version=encoder.model_version
+        )
+    except (IndexRefused, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    photos = [p.read_bytes() for p in images or []]
+    texts = [text] * max(1, len(photos)) if text else None
+    xq = encoder.encode_query(images=photos or None, texts=texts).float().numpy()
+    names = [str(p) for p in images or []] or [f"text {text!r}"]
+    for name, hits in zip(names, found.search_documents(xq, k), strict=True):
+        _print_hits(name, hits)
+
+
+def _print_hits(name: str, hits: list[dict]) -> None:
+    table = Table(title=name)
+    for column in ("#", "score", "doc_id", "label", "category", "text"):
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    for rank, hit in enumerate(hits, 1):
+        row = [hit.get(c) or "" for c in ("doc_id", "label", "category", "text")]
+        table.add_row(str(rank), f"{hit['score']:.4f}", *row)
+    Console().print(table)

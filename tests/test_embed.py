@@ -1,0 +1,155 @@
+"""Catalog -> embeddings -> FAISS shards -> search, end to end on a local Ray."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oclear_ray.cli import app
+from oclear_ray.embed import (
+    DocEmbedder,
+    EmbedConfig,
+    embed_catalog,
+    list_parts,
+    read_parts,
+    vectors_of,
+)
+from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.index import IndexConfig, sync_index
+from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+from oclear_ray.preprocess import PreprocessConfig
+from oclear_ray.search import SearchIndex
+from oclear_ray.synth import SynthConfig, generate
+from oclear_ray.text import train_tokenizer
+
+pytestmark = pytest.mark.ray
+
+CONFIG = EmbedConfig(batch_size=16, rows_per_part=32)  # 120 good rows -> 4 parts
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    """A synthetic catalog plus two bad rows: a duplicate id and an undecodable image."""
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root), SynthConfig(docs=120, classes=30, seed=0))
+    table = pq.read_table(root / "catalog.parquet")
+    bad = table.slice(0, 2).to_pylist()
+    bad[0]["image"] = table.column("image")[5].as_py()  # same id as row 0, another image
+    bad[1].update(doc_id="broken", image=b"\x89PNG not really")
+    full = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
+    pq.write_table(full, root / "full.parquet")
+    return str(root / "full.parquet"), table.column("doc_id").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def model_dir(catalog, tmp_path_factory):
+    """A small random-init model exported the way training exports it."""
+    texts = pq.read_table(catalog[0], columns=["text"]).column("text").to_pylist()
+    tokenizer = train_tokenizer(texts, vocab_size=200)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        text=TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        ),
+        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
+        embed_dim=32,
+    )
+    out = tmp_path_factory.mktemp("model")
+    export_model(RetrievalModel(config).eval(), tokenizer, out)
+    return str(out)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_cluster, catalog, model_dir, tmp_path_factory):
+    """An embedding run killed after two parts, then run again to the end."""
+    workdir, calls = tmp_path_factory.mktemp("work"), []
+
+    def die_after_two_parts(rows):
+        calls.append(rows)
+        if len(calls) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        embed_catalog(
+            catalog[0],
+            str(workdir),
+            model_dir=model_dir,
+            config=CONFIG,
+            progress=die_after_two_parts,
+        )
+    killed = {
+        "parts": len(list_parts(str(workdir / "embed"))),
+        "summary": (workdir / "embed" / "embed.json").exists(),
+    }
+    result = embed_catalog(catalog[0], str(workdir), model_dir=model_dir, config=CONFIG)
+    return workdir, killed, result
+
+
+def reference(catalog, model_dir) -> dict:
+    """The same encoder class run in this process over the good rows: no Ray."""
+    table = pq.read_table(catalog[0]).slice(0, 120)  # the synthetic rows; the 2 bad ones last
+    table = table.append_column("image_path", pa.nulls(120, pa.string()))
+    vectors = vectors_of(DocEmbedder(model_dir, threads=1)(table))
+    return dict(zip(table.column("doc_id").to_pylist(), vectors, strict=True))
+
+
+def embeddings(workdir) -> dict:
+    table = read_parts(list_parts(str(workdir / "embed")))
+    assert len(set(table.column("doc_id").to_pylist())) == table.num_rows  # no duplicates
+    return dict(zip(table.column("doc_id").to_pylist(), vectors_of(table), strict=True))
+
+
+def test_killed_embedding_resumes_to_the_uninterrupted_result(resumed, catalog, model_dir):
+    workdir, killed, result = resumed
+    assert killed == {"parts": 2, "summary": False}
+    assert result.validation["rows"] == 122 and result.validation["quarantined"] == 2
+    assert result.embedded == 120 - 64 and result.skipped == 64
+    assert result.rows == 120 and result.parts == 4
+    got, want = embeddings(workdir), reference(catalog, model_dir)
+    assert sorted(got) == sorted(want) == sorted(catalog[1])
+    for doc_id, vector in want.items():
+        np.testing.assert_allclose(got[doc_id], vector, atol=1e-5)
+
+
+def test_three_shards_index_every_good_row_once(resumed, catalog, model_dir):
+    workdir = resumed[0]
+    index = sync_index(str(workdir), IndexConfig(shards=3)).manifest
+    assert index["count"] == 120 and len(index["shards"]) == 3
+    assert sum(s["vectors"] for s in index["shards"]) == 120
+    encoder = load_query_encoder(model_dir)
+    found = SearchIndex.load(str(workdir / "index"), expected_model_version=encoder.model_version)
+    ids = found.documents.column("doc_id").to_pylist()
+    assert sorted(ids) == sorted(catalog[1]) and len(set(found.documents["id"].to_pylist())) == 120
+    image = pq.read_table(catalog[0]).column("image")[7].as_py()
+    hits = found.search_documents(encoder.encode_query(images=[image]).numpy(), k=5)[0]
+    assert len(hits) == 5 and {"doc_id", "text", "category", "label", "price"} <= set(hits[0])
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_search_command_prints_documents(resumed, catalog, model_dir, tmp_path):
+    workdir = resumed[0]
+    if not (workdir / "index" / "manifest.json").exists():
+        sync_index(str(workdir), IndexConfig(shards=3))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(pq.read_table(catalog[0]).column("image")[3].as_py())
+    args = ["search", str(photo), "--workdir", str(workdir), "--model-dir", model_dir, "--k", "3"]
+    out = CliRunner().invoke(app, [*args, "--text", "red teapot"])
+    assert out.exit_code == 0, out.output
+    assert str(photo) in out.output and out.output.count(" d0") >= 3
+    other = tmp_path / "other-model"
+    export_model(
+        RetrievalModel(ModelConfig(embed_dim=32)).eval(),
+        train_tokenizer(["a b c"], vocab_size=50),
+        other,
+    )
+    refused = CliRunner().invoke(app, [*args[:4], "--model-dir", str(other)])
+    assert refused.exit_code == 2 and "index built with model version" in refused.output
