@@ -263,6 +263,45 @@ def search(
         _print_hits(name, hits)
 
 
+@app.command()
+def serve(
+    workdir: str = typer.Option(..., help="Work directory (WORKDIR/index, WORKDIR/train/model)."),
+    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    host: str = typer.Option("127.0.0.1", help="HTTP host (0.0.0.0 to listen on all)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    shard_replicas: int = typer.Option(1, help="Replicas per index shard deployment."),
+    max_batch_size: int = typer.Option(16, help="Query encoder dynamic batch size."),
+    address: RayAddress = None,
+):
+    """Serve the search app (page at /, API at /v1/...) with Ray Serve until interrupted."""
+    from oclear_ray.search import IndexRefused
+    from oclear_ray.serve import Paths, VersionMismatch, check_versions
+
+    try:
+        check_versions(Paths.of(workdir, model_dir))
+    except (VersionMismatch, IndexRefused, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    import time
+
+    from ray import serve as ray_serve
+
+    from oclear_ray.runtime import init_ray
+    from serve.app import build_app
+
+    init_ray(address)
+    ray_serve.start(http_options={"host": host, "port": port})
+    args = {"workdir": workdir, "model_dir": model_dir, "shard_replicas": shard_replicas}
+    application = build_app({**args, "max_batch_size": max_batch_size})
+    ray_serve.run(application, name="oclear", route_prefix="/")
+    console.print(f"serving on http://{host}:{port}/ (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
 def _print_hits(name: str, hits: list[dict]) -> None:
     table = Table(title=name)
     for column in ("#", "score", "doc_id", "label", "category", "text"):

@@ -1,0 +1,362 @@
+"""Library side of the serving app (``serve/``): query decoding under limits, the version check,
+a shard searcher with a category filter, and document thumbnails. No Ray, no HTTP here.
+
+Errors a client caused are ``QueryError`` with the HTTP status they map to (400 not an image or
+truncated, 413 over the byte or pixel limit, 422 bad parameters).
+"""
+
+# ruff: noqa: E741 -- FAISS naming: D, I are distances and ids
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from oclear_ray import storage
+from oclear_ray.contract import Limits
+from oclear_ray.preprocess import normalize_array, to_rgb
+from oclear_ray.search import (
+    load_documents,
+    load_shard,
+    lookup,
+    merge,
+    read_manifest,
+    search_parameters,
+)
+
+MAX_K = 100
+MAX_TEXT = 1000
+HIT_FIELDS = ("doc_id", "text", "category", "label", "score")
+
+
+class QueryError(ValueError):
+    """A bad request: ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class VersionMismatch(RuntimeError):
+    """The exported model and the index were not made by the same model version."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the app reads from inside a work directory."""
+
+    workdir: str
+    model_dir: str
+    index_dir: str
+
+    @classmethod
+    def of(cls, workdir: str, model_dir: str | None = None) -> Paths:
+        model_dir = model_dir or storage.join(workdir, "train", "model")
+        return cls(workdir, model_dir, storage.join(workdir, "index"))
+
+
+def check_versions(paths: Paths) -> tuple[dict, dict]:
+    """``(model manifest, index manifest)``; ``VersionMismatch`` when their versions differ."""
+    from oclear_ray.export import read_manifest as read_model
+
+    model = read_model(paths.model_dir)
+    index = read_manifest(paths.index_dir)
+    if model["model_version"] != index["model_version"]:
+        raise VersionMismatch(
+            f"model {paths.model_dir} is version {model['model_version']} but the index "
+            f"{paths.index_dir} was built with {index['model_version']}: re-embed and re-index "
+            "with this model (`oclear embed`, `oclear index`), or serve the matching model"
+        )
+    return model, index
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+
+def decode_base64(value: str, limits: Limits) -> bytes:
+    """Bytes of a base64 (optionally ``data:`` URL) string, refused over ``max_bytes``."""
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if len(value) * 3 // 4 > limits.max_bytes + 3:
+        raise QueryError(413, f"image over byte limit (> {limits.max_bytes} bytes)")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise QueryError(400, f"image is not valid base64: {exc}") from exc
+
+
+def open_query_image(data: bytes, limits: Limits) -> Image.Image:
+    """Decode an uploaded image; the pixel count is checked from the header, before decoding."""
+    if not data:
+        raise QueryError(400, "empty image upload")
+    if len(data) > limits.max_bytes:
+        raise QueryError(413, f"image over byte limit ({len(data)} > {limits.max_bytes} bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise QueryError(413, f"image over pixel limit: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for bytes that are not an image
+        raise QueryError(400, f"not an image: {type(exc).__name__}: {exc}") from exc
+    if width * height > limits.max_pixels:
+        raise QueryError(
+            413, f"image over pixel limit ({width}x{height} > {limits.max_pixels} pixels)"
+        )
+    try:
+        img.load()
+    except Exception as exc:
+        raise QueryError(400, f"truncated or corrupt image: {type(exc).__name__}: {exc}") from exc
+    return img
+
+
+def query_pixels(data: bytes, limits: Limits, image_size: int) -> np.ndarray:
+    """Uploaded bytes -> uint8 [S, S, 3], as the encoder's preprocessing expects."""
+    img = to_rgb(open_query_image(data, limits))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def parse_k(value) -> int:
+    """``k`` from a form field or JSON value: an integer in [1, MAX_K], else 422."""
+    if isinstance(value, bool):
+        raise QueryError(422, f"k must be an integer in [1, {MAX_K}], got {value!r}")
+    try:
+        k = int(value) if isinstance(value, int | str) else None
+    except ValueError:
+        k = None
+    if k is None or not 1 <= k <= MAX_K:
+        raise QueryError(422, f"k must be an integer in [1, {MAX_K}], got {value!r}")
+    return k
+
+
+def parse_text(value) -> str | None:
+    """A text query: a string of at most ``MAX_TEXT`` characters; blank means none."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise QueryError(422, f"text must be a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise QueryError(422, f"text over {MAX_TEXT} characters ({len(value)})")
+    return value.strip() or None
+
+
+def parse_category(value) -> str | None:
+    """A category prefix filter (``a/b``); blank means none."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 500:
+        raise QueryError(422, "category must be a string of at most 500 characters")
+    return value.strip().strip("/") or None
+
+
+# ---- encoding ---------------------------------------------------------------------------------
+
+
+def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -> list[np.ndarray]:
+    """Embed a batch of ``(pixels or None, text or None)`` queries with an ``ExportedEncoder``.
+
+    Queries are grouped by what they carry (image, text, both) so that each group is one model
+    call; the result keeps the input order.
+    """
+    import torch
+
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for i, (pixels, text) in enumerate(items):
+        groups.setdefault((pixels is not None, text is not None), []).append(i)
+    for (has_image, has_text), rows in groups.items():
+        images = None
+        if has_image:
+            stacked = np.stack([items[i][0] for i in rows])
+            images = torch.from_numpy(normalize_array(stacked, encoder.preprocess))
+        texts = [items[i][1] for i in rows] if has_text else None
+        vectors = encoder.encode_query(images=images, texts=texts).float().cpu().numpy()
+        for i, vector in zip(rows, vectors, strict=True):
+            out[i] = vector
+    return out
+
+
+# ---- one shard --------------------------------------------------------------------------------
+
+
+class ShardSearcher:
+    """One FAISS shard of a manifest, searched with its tuned parameters, optionally filtered to
+    the documents whose category starts with a prefix (an ``IDSelector`` built once per prefix).
+    """
+
+    def __init__(self, index_dir: str, shard: int, expected_model_version: str, *, cache=64):
+        manifest = read_manifest(index_dir, expected_model_version)
+        if not 0 <= shard < len(manifest["shards"]):
+            raise ValueError(f"shard {shard} not in index of {len(manifest['shards'])} shards")
+        self.manifest, self.shard = manifest, shard
+        self.entry = manifest["shards"][shard]
+        self.index, _ = load_shard(index_dir, self.entry)
+        self.values = manifest.get("search", {})
+        self.deleted = self.entry["deleted"] if self.entry["filter_deleted"] else []
+        docs = load_documents(index_dir, manifest).select(["id", "shard", "category"])
+        mine = docs.filter(pc.equal(docs.column("shard"), shard))
+        self.ids = mine.column("id").to_numpy()
+        self.categories = pc.fill_null(mine.column("category"), "").combine_chunks()
+        self.params = {None: search_parameters(self.index, self.values, self.deleted or None)}
+        self.cache = cache
+        self.lock = threading.Lock()
+
+    @property
+    def info(self) -> dict:
+        return {
+            "shard": self.shard,
+            "vectors": int(self.index.ntotal),
+            "index_version": self.manifest["version"],
+            "model_version": self.manifest["model_version"],
+        }
+
+    def _params(self, category: str | None):
+        with self.lock:
+            if category in self.params:
+                self.params[category] = self.params.pop(category)  # most recently used last
+                return self.params[category]
+        match = pc.or_(
+            pc.equal(self.categories, category),
+            pc.starts_with(self.categories, category + "/"),
+        )
+        excluded = np.concatenate([self.ids[~match.to_numpy(zero_copy_only=False)], self.deleted])
+        params = search_parameters(self.index, self.values, excluded.astype(np.int64))
+        with self.lock:
+            self.params[category] = params
+            while len(self.params) > self.cache + 1:
+                del self.params[next(k for k in self.params if k is not None)]
+        return params
+
+    def search(self, xq: np.ndarray, k: int, category: str | None = None):
+        """``(D, I)`` [nq, k], global ids, -1 past the last match."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32).reshape(-1, self.index.d)
+        return self.index.search(xq, k, params=self._params(category))
+
+
+def merge_hits(documents: pa.Table, results, k: int, *, thumbnails=None) -> list[dict]:
+    """Per-shard ``(D, I)`` of one query -> its top-``k`` hits with metadata, best first."""
+    D, I = merge(results, k)
+    hits = []
+    for rank, doc in enumerate(lookup(documents, D[:1], I[:1])[0], 1):
+        hit = {"rank": rank, **{f: doc.get(f) for f in HIT_FIELDS}}
+        if thumbnails is not None and thumbnails.has(doc["doc_id"]):
+            hit["thumbnail_url"] = thumbnails.url(doc["doc_id"])
+        hits.append(hit)
+    return hits
+
+
+# ---- thumbnails -------------------------------------------------------------------------------
+
+
+def embedded_catalog(workdir: str) -> str | None:
+    """The catalog the embeddings were made from (``embed/embed.json``), when still readable."""
+    path = storage.join(workdir, "embed", "embed.json")
+    if not storage.exists(path):
+        return None
+    catalog = json.loads(storage.read_bytes(path)).get("catalog")
+    return catalog if catalog and storage.exists(catalog) else None
+
+
+class Thumbnails:
+    """Small JPEG thumbnails of documents, from their ``image_path`` metadata or, for a parquet
+    catalog with image bytes, from the catalog the index was embedded from.
+
+    The catalog's ``doc_id`` column is read once (by row group); an image is then read from its
+    row group on demand and kept in a bounded LRU cache.
+    """
+
+    def __init__(self, documents: pa.Table, catalog: str | None, *, size=128, cache=2048):
+        self.size, self.cache_size = size, cache
+        self.cache: OrderedDict[str, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+        self.paths = {}
+        if "image_path" in documents.column_names:
+            ids, paths = (documents.column(c).to_pylist() for c in ("doc_id", "image_path"))
+            self.paths = {d: p for d, p in zip(ids, paths, strict=True) if p}
+        self.rows, self.groups = {}, []
+        if catalog is not None and _is_parquet(catalog):
+            self._index_catalog(catalog)
+
+    def _index_catalog(self, catalog: str) -> None:
+        import pyarrow.dataset as pads
+
+        fs, path = storage.resolve(catalog)
+        dataset = pads.dataset(path, format="parquet", filesystem=fs)
+        if "image" not in dataset.schema.names:
+            return
+        for fragment in dataset.get_fragments():
+            for group in fragment.split_by_row_group():
+                ids = group.to_table(columns=["doc_id"]).column("doc_id").to_pylist()
+                number = len(self.groups)
+                self.groups.append(group)
+                for row, doc_id in enumerate(ids):
+                    self.rows.setdefault(doc_id, (number, row))
+
+    def has(self, doc_id: str) -> bool:
+        return doc_id in self.paths or doc_id in self.rows
+
+    @staticmethod
+    def url(doc_id: str) -> str:
+        from urllib.parse import quote
+
+        return f"/v1/thumbnail?doc_id={quote(doc_id, safe='')}"
+
+    def get(self, doc_id: str) -> bytes | None:
+        """JPEG bytes of the document's thumbnail, None when it has no image."""
+        with self.lock:
+            if doc_id in self.cache:
+                self.cache.move_to_end(doc_id)
+                return self.cache[doc_id]
+        data = self._image(doc_id)
+        if data is None:
+            return None
+        thumb = _thumbnail(data, self.size)
+        with self.lock:
+            self.cache[doc_id] = thumb
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return thumb
+
+    def _image(self, doc_id: str) -> bytes | None:
+        if doc_id in self.paths:
+            return storage.read_bytes(self.paths[doc_id])
+        if doc_id not in self.rows:
+            return None
+        number, row = self.rows[doc_id]
+        images = self.groups[number].to_table(columns=["image"]).column("image")
+        return images[row].as_py()
+
+
+def _is_parquet(path: str) -> bool:
+    return path.endswith(".parquet") or (
+        storage.exists(path) and not os.path.splitext(path)[1] and _has_parquet_files(path)
+    )
+
+
+def _has_parquet_files(path: str) -> bool:
+    try:
+        return bool(storage.list_files(path, (".parquet",)))
+    except (OSError, ValueError):
+        return False
+
+
+def _thumbnail(data: bytes, size: int) -> bytes:
+    img = to_rgb(open_query_image(data, Limits()))
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()

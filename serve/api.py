@@ -1,0 +1,224 @@
+"""The HTTP API and search page of the serving app, independent of Ray: ``build_api(service)``
+returns a FastAPI app; ``SearchService`` holds the loaded state and calls the encoder and the
+shards through the async functions it is given (Serve deployment handles in ``serve.app``).
+
+Every error is JSON ``{"error": message, "status": code}``; no bad request takes the app down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from oclear_ray.contract import Limits
+from oclear_ray.serve import (
+    MAX_K,
+    QueryError,
+    decode_base64,
+    merge_hits,
+    parse_category,
+    parse_k,
+    parse_text,
+    query_pixels,
+)
+
+PAGE = Path(__file__).with_name("page.html")
+FORM_OVERHEAD = 1 << 16  # multipart boundaries and small fields next to the image
+
+
+@dataclass
+class Query:
+    pixels: np.ndarray | None
+    text: str | None
+    k: int
+    category: str | None
+
+
+Encode = Callable[[np.ndarray | None, str | None], Awaitable[np.ndarray]]
+Search = Callable[[np.ndarray, int, str | None], Awaitable[list]]
+
+
+class SearchService:
+    """What the routes need: limits, the encoder and the shard fan-out, and the loaded index
+    state (documents, thumbnails, shard info). Searches answer 503 until ``loaded``."""
+
+    def __init__(self, *, limits: Limits, image_size: int, encode: Encode, search: Search, info):
+        self.limits, self.image_size = limits, image_size
+        self.encode, self.search_shards = encode, search
+        self.info = dict(info)
+        self.state, self.error = "loading", None
+        self.documents = self.thumbnails = None
+
+    def loaded(self, documents, thumbnails, shards: list[dict]) -> None:
+        self.documents, self.thumbnails = documents, thumbnails
+        self.info.update(shards=shards, documents=documents.num_rows)
+        self.state = "ready"
+
+    def failed(self, exc: BaseException) -> None:
+        self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+
+    def require_ready(self) -> None:
+        if self.state != "ready":
+            detail = f": {self.error}" if self.error else ""
+            raise QueryError(503, f"index is {self.state}{detail}")
+
+    async def search(self, query: Query) -> dict:
+        self.require_ready()
+        start = time.perf_counter()
+        vector = await self.encode(query.pixels, query.text)
+        encoded = time.perf_counter()
+        results = await self.search_shards(vector[None], query.k, query.category)
+        hits = merge_hits(self.documents, results, query.k, thumbnails=self.thumbnails)
+        done = time.perf_counter()
+        return {
+            "model_version": self.info["model_version"],
+            "index_version": self.info["index_version"],
+            "k": query.k,
+            "category": query.category,
+            "results": hits,
+            "timing_ms": {
+                "encode": round(1000 * (encoded - start), 2),
+                "search": round(1000 * (done - encoded), 2),
+            },
+        }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it when the
+    client declared its length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise QueryError(413, f"request body over limit ({declared} > {limit} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise QueryError(413, f"request body over limit (> {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def replay(request: Request, body: bytes) -> Request:
+    """A request over ``body`` already read (so that its form can be parsed)."""
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+async def parse_query(request: Request, service: SearchService) -> Query:
+    """Multipart (``image`` file, ``text``, ``k``, ``category``) or JSON (``image`` base64)."""
+    limits = service.limits
+    body = await read_body(request, math.ceil(limits.max_bytes * 4 / 3) + FORM_OVERHEAD)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data" or kind == "application/x-www-form-urlencoded":
+        fields = await _form_fields(replay(request, body))
+    elif kind == "application/json":
+        try:
+            fields = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise QueryError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise QueryError(422, "JSON body must be an object")
+        image = fields.get("image")
+        if image is not None and not isinstance(image, str):
+            raise QueryError(422, "image must be a base64 string")
+        fields["image"] = decode_base64(image, limits) if image else None
+    else:
+        raise QueryError(415, "send multipart/form-data or application/json")
+    unknown = set(fields) - {"image", "text", "k", "category"}
+    if unknown:
+        raise QueryError(422, f"unknown fields: {', '.join(sorted(unknown))}")
+    text = parse_text(fields.get("text"))
+    k = parse_k(fields.get("k", 10))
+    category = parse_category(fields.get("category"))
+    if fields.get("image") is None and text is None:
+        raise QueryError(422, "give an image, a text, or both")
+    pixels = None
+    if fields.get("image") is not None:
+        data = fields["image"]
+        pixels = await asyncio.to_thread(query_pixels, data, limits, service.image_size)
+    return Query(pixels, text, k, category)
+
+
+async def _form_fields(request: Request) -> dict:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except HTTPException as exc:  # starlette's own form limits
+        raise QueryError(exc.status_code, f"bad form: {exc.detail}") from exc
+    except Exception as exc:  # python-multipart raises several types on malformed bodies
+        raise QueryError(400, f"malformed form body: {exc}") from exc
+    fields = {}
+    for key, value in form.multi_items():
+        if key in fields:
+            raise QueryError(422, f"field {key!r} given twice")
+        fields[key] = await value.read() if hasattr(value, "read") else value
+    if isinstance(fields.get("image"), str):
+        raise QueryError(422, "image must be a file upload")
+    return fields
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def build_api(service: SearchService) -> FastAPI:
+    """The FastAPI app: ``/`` page, ``/v1/search``, ``/v1/health``, ``/v1/info``, thumbnails."""
+    api = FastAPI(title="oclear-ray search", docs_url="/docs", redoc_url=None)
+    page = PAGE.read_text()
+
+    @api.exception_handler(QueryError)
+    async def _query_error(_, exc: QueryError):
+        return error(exc.status, str(exc))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        return error(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "bad parameters")
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(_, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @api.get("/", response_class=HTMLResponse)
+    async def index_page():
+        return HTMLResponse(page)
+
+    @api.get("/v1/health")
+    async def health():
+        ok = service.state == "ready"
+        body = {"status": service.state, **({"error": service.error} if service.error else {})}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get("/v1/info")
+    async def info():
+        limits = {"max_bytes": service.limits.max_bytes, "max_pixels": service.limits.max_pixels}
+        return {**service.info, "state": service.state, "max_k": MAX_K, "limits": limits}
+
+    @api.post("/v1/search")
+    async def search(request: Request):
+        service.require_ready()
+        return await service.search(await parse_query(request, service))
+
+    @api.get("/v1/thumbnail")
+    async def thumbnail(doc_id: str):
+        service.require_ready()
+        thumbs = service.thumbnails
+        data = await asyncio.to_thread(thumbs.get, doc_id) if thumbs is not None else None
+        if data is None:
+            raise QueryError(404, f"no thumbnail for doc_id {doc_id!r}")
+        headers = {"Cache-Control": "public, max-age=3600"}
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    return api

@@ -1,0 +1,257 @@
+"""The Ray Serve application: a FastAPI ingress, a query encoder with dynamic batching and
+autoscaling, and one deployment per FAISS shard.
+
+    ingress (/, /v1/search, /v1/health, /v1/info)
+      -> QueryEncoder.encode   (@serve.batch; autoscaling replicas)
+      -> IndexShard{i}.search  (one deployment per shard of the manifest, queried concurrently)
+      -> merge top-k, join document metadata
+
+``build_app(args)`` is the Serve app builder (``serve run serve.app:build_app workdir=W``,
+``serve deploy serve/config.yaml``, ``oclear serve --workdir W``). It refuses a model and an
+index of different model versions; each deployment checks again when it loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass, fields
+
+import numpy as np
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from oclear_ray.contract import Limits
+from oclear_ray.serve import (
+    Paths,
+    ShardSearcher,
+    Thumbnails,
+    check_versions,
+    embedded_catalog,
+    encode_queries,
+)
+from serve.api import SearchService, build_api
+
+log = logging.getLogger("ray.serve")
+DEAD_REPLICA = (ActorDiedError, ActorUnavailableError, RayActorError)
+_KINDS = {"str": str, "str | None": str, "int": int, "float": float}
+
+
+@dataclass(kw_only=True)
+class AppArgs:
+    """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``)."""
+
+    workdir: str = os.environ.get("OCLEAR_WORKDIR", "work")
+    model_dir: str | None = None
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    torch_threads: int = 1
+    shard_replicas: int = 1
+    encoder_cpus: float = 0.25
+    shard_cpus: float = 0.1
+    ingress_cpus: float = 0.25
+    max_bytes: int = 10_000_000
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "torch_threads", "shard_replicas", "max_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        for name in ("encoder_cpus", "shard_cpus", "ingress_cpus"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        Limits(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+
+    @classmethod
+    def from_dict(cls, args: dict) -> AppArgs:
+        """From YAML / CLI values (strings are converted to the field's type)."""
+        kinds = {f.name: _KINDS[f.type] for f in fields(cls)}
+        unknown = set(args) - set(kinds)
+        if unknown:
+            raise ValueError(f"unknown app args: {', '.join(sorted(unknown))}")
+        return cls(**{k: None if v is None else kinds[k](v) for k, v in args.items()})
+
+    @property
+    def paths(self) -> Paths:
+        return Paths.of(self.workdir, self.model_dir)
+
+
+@serve.deployment(
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 16,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class QueryEncoder:
+    """The exported query encoder; concurrent requests are batched into one model call."""
+
+    def __init__(self, model_dir: str, model_version: str, *, batch: dict, threads: int = 1):
+        import torch
+
+        from oclear_ray.export import load_query_encoder
+
+        torch.set_num_threads(threads)
+        self.encoder = load_query_encoder(model_dir)
+        if self.encoder.model_version != model_version:
+            raise RuntimeError(
+                f"model at {model_dir} is now version {self.encoder.model_version}, the app "
+                f"was built for {model_version}: redeploy"
+            )
+        self.encode.set_max_batch_size(batch["max_batch_size"])
+        self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
+        self.batches: list[int] = []
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, items: list[tuple[np.ndarray | None, str | None]]) -> list[np.ndarray]:
+        self.batches = (self.batches + [len(items)])[-1000:]
+        return encode_queries(self.encoder, items)
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the last batches run (for the bench and tests)."""
+        return list(self.batches)
+
+    def check_health(self) -> None:
+        if self.encoder is None:
+            raise RuntimeError("query encoder not loaded")
+
+
+@serve.deployment(
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.1},
+)
+class IndexShard:
+    """One FAISS shard of the manifest (memory-mapped, checksum verified)."""
+
+    def __init__(self, index_dir: str, shard: int, model_version: str):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        self.searcher = ShardSearcher(index_dir, shard, model_version)
+
+    def info(self) -> dict:
+        return self.searcher.info
+
+    def search(self, xq: np.ndarray, k: int, category: str | None = None):
+        return self.searcher.search(xq, k, category)
+
+    def check_health(self) -> None:
+        expected = self.searcher.entry["vectors"]
+        if self.searcher.index.ntotal != expected:
+            raise RuntimeError(f"shard holds {self.searcher.index.ntotal} vectors, not {expected}")
+
+
+async def call(method, *args):
+    """Await a deployment method, once more when the replica died under the request."""
+    try:
+        return await method.remote(*args)
+    except DEAD_REPLICA as exc:
+        log.warning("retrying on another replica after %s", type(exc).__name__)
+        return await method.remote(*args)
+
+
+@serve.deployment(
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress()
+class SearchIngress:
+    """Decodes uploads, encodes, fans out to the shards, merges; serves the page and the API.
+
+    The documents table and the shards' info load in a thread: searches answer 503 until then.
+    """
+
+    def __init__(self, encoder, shards: list, args: dict, model: dict, index: dict):
+        self.args = AppArgs.from_dict(args)
+        self.encoder, self.shards = encoder, shards
+        info = {
+            "model_version": model["model_version"],
+            "index_version": index["version"],
+            "factory": index["factory"],
+            "dim": index["dim"],
+            "count": index["count"],
+        }
+        self.service = SearchService(
+            limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
+            image_size=int(model["model"]["preprocess"]["image_size"]),
+            encode=lambda pixels, text: call(self.encoder.encode, (pixels, text)),
+            search=self.search,
+            info=info,
+        )
+        self.loader = threading.Thread(target=self._load, daemon=True)
+        self.loader.start()
+
+    async def search(self, xq: np.ndarray, k: int, category: str | None):
+        return await asyncio.gather(*(call(s.search, xq, k, category) for s in self.shards))
+
+    def _load(self) -> None:
+        from oclear_ray.search import load_documents, read_manifest
+
+        try:
+            paths = self.args.paths
+            expected = self.service.info["model_version"]
+            manifest = read_manifest(paths.index_dir, expected)
+            documents = load_documents(paths.index_dir, manifest)
+            infos = [s.info.remote().result() for s in self.shards]
+            for shard in infos:
+                if shard["index_version"] != manifest["version"]:
+                    raise RuntimeError(
+                        f"shard {shard['shard']} serves index version {shard['index_version']}, "
+                        f"the ingress {manifest['version']}: redeploy"
+                    )
+            thumbs = Thumbnails(documents, embedded_catalog(paths.workdir))
+            self.service.loaded(documents, thumbs, infos)
+        except Exception as exc:  # reported by /v1/health and check_health
+            log.exception("loading the index failed")
+            self.service.failed(exc)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.service)
+
+    def check_health(self) -> None:
+        if self.service.state == "failed":
+            raise RuntimeError(self.service.error)
+
+
+def build_app(args: dict):
+    """The application graph for ``args`` (see ``AppArgs``); refuses mismatched versions."""
+    app_args = AppArgs.from_dict(dict(args))
+    paths = app_args.paths
+    model, index = check_versions(paths)
+    version = model["model_version"]
+    batch = {
+        "max_batch_size": app_args.max_batch_size,
+        "batch_wait_timeout_s": app_args.batch_wait_timeout_s,
+    }
+    encoder = QueryEncoder.options(ray_actor_options={"num_cpus": app_args.encoder_cpus}).bind(
+        paths.model_dir, version, batch=batch, threads=app_args.torch_threads
+    )
+    shards = [
+        IndexShard.options(
+            name=f"IndexShard{i}",
+            num_replicas=app_args.shard_replicas,
+            ray_actor_options={"num_cpus": app_args.shard_cpus},
+        ).bind(paths.index_dir, i, version)
+        for i in range(len(index["shards"]))
+    ]
+    ingress = SearchIngress.options(ray_actor_options={"num_cpus": app_args.ingress_cpus})
+    return ingress.bind(encoder, shards, vars(app_args), _small(model), _small(index))
+
+
+def _small(manifest: dict) -> dict:
+    """The manifest fields the ingress needs (not per-shard deletions or list owners)."""
+    keep = ("model_version", "version", "factory", "dim", "count", "model")
+    return {k: manifest[k] for k in keep if k in manifest}

@@ -1,0 +1,426 @@
+"""The search app: query decoding and limits, the shard searcher, the HTTP API in process, then
+the Ray Serve app on a local cluster (search, errors, page in headless Chromium, replica kill)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from oclear_ray.cli import app as cli
+from oclear_ray.contract import Limits
+from oclear_ray.embed import DocEmbedder, part_path, write_part, write_summary
+from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.index import IndexConfig, local_map, sync_index
+from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+from oclear_ray.preprocess import PreprocessConfig
+from oclear_ray.search import SearchIndex, load_documents, read_manifest
+from oclear_ray.serve import (
+    Paths,
+    QueryError,
+    ShardSearcher,
+    Thumbnails,
+    VersionMismatch,
+    check_versions,
+    embedded_catalog,
+    encode_queries,
+    open_query_image,
+    parse_k,
+    query_pixels,
+)
+from oclear_ray.synth import SynthConfig, generate
+from oclear_ray.text import train_tokenizer
+from serve.api import SearchService, build_api
+from tests.conftest import jpeg_bytes, png_bytes
+
+LIMITS = Limits(max_bytes=200_000, max_pixels=1_000_000)
+APP_ARGS = {"max_bytes": LIMITS.max_bytes, "max_pixels": LIMITS.max_pixels, "shard_replicas": 2}
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def export_tiny(texts: list[str], out, seed: int) -> str:
+    """A small random-init model exported as training exports it; its model_version."""
+    tokenizer = train_tokenizer(texts, vocab_size=200)
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        text=TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        ),
+        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
+        embed_dim=32,
+    )
+    return export_model(RetrievalModel(config).eval(), tokenizer, out)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A work dir: 100 synthetic documents embedded (in process, as the embed job's actors do)
+    by an untrained model, indexed into 2 FAISS shards."""
+    root = tmp_path_factory.mktemp("serve")
+    generate(str(root / "data"), SynthConfig(docs=100, classes=25, seed=0))
+    catalog = str(root / "data" / "catalog.parquet")
+    table = pq.read_table(catalog)
+    model_dir = root / "work" / "train" / "model"
+    version = export_tiny(table.column("text").to_pylist(), model_dir, seed=0)
+    workdir = str(root / "work")
+    rows = DocEmbedder(str(model_dir), threads=1)(table)
+    write_part(part_path(f"{workdir}/embed", 0), rows, version)
+    write_summary(f"{workdir}/embed", version, 32, {"catalog": catalog})
+    sync_index(workdir, IndexConfig(shards=2), map_fn=local_map)
+    return workdir, table
+
+
+# ---- without Ray ------------------------------------------------------------------------------
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` with a tiny compressed body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + width // 8) * 64)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"", 400),
+        (b"GIF89a not really an image", 400),
+        (b"hello, world", 400),
+        (png_bytes(size=(64, 64))[:60], 400),  # truncated after the header
+        (jpeg_bytes(size=(64, 64))[:200], 400),
+        (b"\x00" * (LIMITS.max_bytes + 1), 413),
+        (bomb_png(2000, 2000), 413),  # 4 Mpx > 1 Mpx limit, decided from the header
+        (bomb_png(100_000, 100_000), 413),  # 10 Gpx: PIL's own bomb check
+    ],
+)
+def test_bad_images_are_refused_with_their_status(data, status):
+    with pytest.raises(QueryError) as err:
+        open_query_image(data, LIMITS)
+    assert err.value.status == status
+
+
+def test_query_pixels_decodes_to_the_model_size():
+    pixels = query_pixels(png_bytes(size=(50, 20), mode="RGBA", color=(0, 0, 0, 0)), LIMITS, 32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert (pixels == 255).all()  # transparent composited onto white, as in embedding
+
+
+@pytest.mark.parametrize("value", [0, 101, "x", "1.5", None, True, [3]])
+def test_parse_k_refuses_bad_values(value):
+    with pytest.raises(QueryError) as err:
+        parse_k(value)
+    assert err.value.status == 422
+
+
+def test_encode_queries_batches_mixed_queries_like_single_ones(work):
+    encoder = load_query_encoder(Paths.of(work[0]).model_dir)
+    torch.set_num_threads(1)
+    images = work[1].column("image").to_pylist()[:3]
+    items = [
+        (query_pixels(images[0], LIMITS, 32), None),
+        (None, "red square"),
+        (query_pixels(images[1], LIMITS, 32), "a thing"),
+        (query_pixels(images[2], LIMITS, 32), None),
+    ]
+    batched = encode_queries(encoder, items)
+    single = [encode_queries(encoder, [item])[0] for item in items]
+    np.testing.assert_allclose(np.stack(batched), np.stack(single), atol=1e-5)
+
+
+def test_shard_searchers_merged_equal_the_whole_index_and_filter_by_category(work):
+    workdir, catalog = work
+    index_dir = Paths.of(workdir).index_dir
+    manifest = read_manifest(index_dir)
+    shards = [ShardSearcher(index_dir, i, manifest["model_version"]) for i in range(2)]
+    whole = SearchIndex.load(index_dir, manifest["model_version"])
+    xq = np.random.default_rng(0).standard_normal((5, manifest["dim"])).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    from oclear_ray.search import merge
+
+    D, I = merge([s.search(xq, 10) for s in shards], 10)
+    D0, I0 = whole.search(xq, 10)
+    np.testing.assert_array_equal(I, I0)
+    prefix = catalog.column("category")[0].as_py().split("/")[0]
+    docs = load_documents(index_dir, manifest)
+    allowed = {
+        i
+        for i, c in zip(docs["id"].to_pylist(), docs["category"].to_pylist(), strict=True)
+        if c == prefix or c.startswith(prefix + "/")
+    }
+    assert 0 < len(allowed) < len(docs)
+    _, If = merge([s.search(xq, 10, prefix) for s in shards], 10)
+    found = set(If[If >= 0].tolist())
+    assert found and found <= allowed
+    assert (If >= 0).sum(axis=1).min() == min(10, len(allowed))
+
+
+def test_version_mismatch_refuses_to_start(work, tmp_path):
+    workdir, catalog = work
+    other = tmp_path / "model"
+    export_tiny(catalog.column("text").to_pylist(), other, seed=1)
+    with pytest.raises(VersionMismatch, match="re-embed and re-index"):
+        check_versions(Paths.of(workdir, str(other)))
+    result = CliRunner().invoke(cli, ["serve", "--workdir", workdir, "--model-dir", str(other)])
+    assert result.exit_code == 2 and "version" in result.output
+
+
+def in_process_service(workdir: str, *, load: bool = True) -> SearchService:
+    """The API's service backed by the encoder and shard searchers in this process."""
+    paths = Paths.of(workdir)
+    model, index = check_versions(paths)
+    encoder = load_query_encoder(paths.model_dir)
+    shards = [ShardSearcher(paths.index_dir, i, model["model_version"]) for i in range(2)]
+
+    async def encode(pixels, text):
+        return encode_queries(encoder, [(pixels, text)])[0]
+
+    async def search(xq, k, category):
+        return [s.search(xq, k, category) for s in shards]
+
+    info = {"model_version": model["model_version"], "index_version": index["version"]}
+    service = SearchService(limits=LIMITS, image_size=32, encode=encode, search=search, info=info)
+    if load:
+        docs = load_documents(paths.index_dir, index)
+        service.loaded(docs, Thumbnails(docs, embedded_catalog(workdir)), [s.info for s in shards])
+    return service
+
+
+def test_api_answers_503_while_loading_then_searches(work):
+    service = in_process_service(work[0], load=False)
+    client = TestClient(build_api(service))
+    image = work[1].column("image")[0].as_py()
+    assert client.get("/v1/health").status_code == 503
+    response = client.post("/v1/search", files={"image": ("q.png", image, "image/png")})
+    assert response.status_code == 503 and "loading" in response.json()["error"]
+    loaded = in_process_service(work[0])
+    service.loaded(loaded.documents, loaded.thumbnails, loaded.info["shards"])
+    assert client.get("/v1/health").json() == {"status": "ready"}
+    response = client.post("/v1/search", files={"image": ("q.png", image, "image/png")})
+    assert response.status_code == 200 and len(response.json()["results"]) == 10
+
+
+# ---- on Ray Serve -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, work):
+    """The app deployed on the local Ray with Serve on 127.0.0.1 and a free port."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"workdir": work[0], **APP_ARGS}), name="oclear", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        deadline = time.time() + 60
+        while client.get("/v1/health").status_code != 200:
+            assert time.time() < deadline, "app did not become ready"
+            time.sleep(0.2)
+        yield client
+    serve.shutdown()
+
+
+def search_image(client, image: bytes, **fields):
+    files = {"image": ("query.png", image, "image/png")}
+    return client.post("/v1/search", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+@pytest.mark.ray
+def test_served_search_equals_the_library_search_in_process(server, work):
+    workdir, catalog = work
+    paths = Paths.of(workdir)
+    encoder = load_query_encoder(paths.model_dir)
+    local = SearchIndex.load(paths.index_dir, encoder.model_version)
+    for row in (0, 17, 42, 99):
+        image = catalog["image"][row].as_py()
+        response = search_image(server, image, k=5)
+        assert response.status_code == 200, response.text
+        hits = response.json()["results"]
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        pixels = query_pixels(image, LIMITS, 32)
+        xq = encode_queries(encoder, [(pixels, None)])
+        expected = local.search_documents(np.stack(xq), 5)[0]
+        assert [h["doc_id"] for h in hits] == [e["doc_id"] for e in expected]
+        np.testing.assert_allclose(
+            [h["score"] for h in hits], [e["score"] for e in expected], atol=1e-4
+        )
+        again = search_image(server, image, k=5).json()["results"]
+        assert again == hits  # stable
+        doc = catalog.filter(pc.equal(catalog["doc_id"], hits[0]["doc_id"])).to_pylist()[0]
+        assert (hits[0]["text"], hits[0]["category"]) == (doc["text"], doc["category"])
+
+
+@pytest.mark.ray
+def test_served_json_text_category_info_and_thumbnails(server, work):
+    catalog = work[1]
+    image = base64.b64encode(catalog["image"][3].as_py()).decode()
+    by_json = server.post("/v1/search", json={"image": image, "k": 3}).json()["results"]
+    assert by_json == search_image(server, catalog["image"][3].as_py(), k=3).json()["results"]
+    text = catalog["text"][5].as_py()
+    both = server.post("/v1/search", json={"image": image, "text": text, "k": 4})
+    only_text = server.post("/v1/search", json={"text": text, "k": 4})
+    assert both.status_code == only_text.status_code == 200
+    assert len(only_text.json()["results"]) == 4
+    prefix = catalog["category"][0].as_py().split("/")[0]
+    filtered = server.post("/v1/search", json={"image": image, "k": 20, "category": prefix})
+    categories = [h["category"] for h in filtered.json()["results"]]
+    assert categories and all(c.split("/")[0] == prefix for c in categories)
+    info = server.get("/v1/info").json()
+    manifest = read_manifest(Paths.of(work[0]).index_dir)
+    assert info["model_version"] == manifest["model_version"]
+    assert info["index_version"] == manifest["version"]
+    assert [s["vectors"] for s in info["shards"]] == [e["vectors"] for e in manifest["shards"]]
+    thumb = server.get(by_json[0]["thumbnail_url"])
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size[0] <= 128
+    assert server.get("/v1/thumbnail", params={"doc_id": "nope"}).status_code == 404
+
+
+def truncated_png() -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((128, 128), 50).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()[:-2000]
+
+
+@pytest.mark.ray
+def test_served_errors_have_their_status_and_the_service_stays_up(server, work):
+    big = Image.effect_noise((300, 300), 80).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    assert len(buf.getvalue()) > LIMITS.max_bytes
+    cases = [
+        (search_image(server, b"this is not an image"), 400),
+        (search_image(server, truncated_png()), 400),
+        (search_image(server, buf.getvalue()), 413),
+        (search_image(server, bomb_png(2000, 2000)), 413),
+        (search_image(server, bomb_png(100_000, 100_000)), 413),
+        (server.post("/v1/search", json={"image": "@@not base64@@"}), 400),
+        (server.post("/v1/search", content=b"{not json", headers=_json()), 400),
+        (server.post("/v1/search", content=b"x" * 400_000, headers=_json()), 413),
+        (search_image(server, png_bytes(), k=0), 422),
+        (search_image(server, png_bytes(), k="many"), 422),
+        (server.post("/v1/search", json={"k": 3}), 422),
+        (server.post("/v1/search", json={"text": "a", "colour": "red"}), 422),
+        (server.post("/v1/search", json=[1, 2]), 422),
+        (server.post("/v1/search", content=b"text=a", headers={"content-type": "text/plain"}), 415),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["status"] == status and response.json()["error"]
+    assert server.get("/v1/health").status_code == 200
+    ok = search_image(server, work[1]["image"][1].as_py(), k=2)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
+def _json() -> dict:
+    return {"content-type": "application/json"}
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (.ci/run)")
+def test_page_in_headless_chromium_shows_result_tiles(server, work, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "query.png"
+    image.write_bytes(work[1]["image"][7].as_py())
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or CHROMEDRIVER), options=options
+    )
+    try:
+        driver.get(str(server.base_url) + "/")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        k = driver.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("6")
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".tile"))
+        tiles = driver.find_elements(By.CSS_SELECTOR, ".tile")
+        assert len(tiles) == 6
+        top = search_image(server, image.read_bytes(), k=6).json()["results"]
+        assert [t.get_attribute("data-doc-id") for t in tiles] == [h["doc_id"] for h in top]
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('.tile img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
+        assert "results" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.ray
+def test_killing_a_shard_replica_under_load_loses_at_most_one_percent(server, work):
+    import ray
+
+    image = work[1]["image"][11].as_py()
+    outcomes, stop = [], threading.Event()
+
+    def client_loop():
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    outcomes.append(search_image(client, image, k=5).status_code)
+                except httpx.HTTPError:
+                    outcomes.append(-1)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    victim = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "IndexShard0" in a["name"] and "REPLICA" in a["name"]
+    )
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join()
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert victim["name"] not in names  # really gone (Serve started another replica)
+    failed = sum(code != 200 for code in outcomes)
+    assert len(outcomes) > 50
+    assert failed / len(outcomes) <= 0.01, f"{failed} of {len(outcomes)} failed"
+    assert search_image(server, image).status_code == 200
