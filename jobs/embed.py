@@ -28,6 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size)
     p.add_argument("--rows-per-part", type=int, default=EmbedConfig.rows_per_part)
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--image-only",
+        action="store_true",
+        help="embed documents from their image alone (fusion ablation; version +image-only)",
+    )
     return p.parse_args(argv)
 
 
@@ -39,6 +44,7 @@ def main(args) -> None:
         threads_per_actor=args.threads_per_actor,
         use_gpu=args.use_gpu,
         rows_per_part=args.rows_per_part,
+        image_only=args.image_only,
     )
     result = embed_catalog(
         args.catalog, args.workdir, model_dir=args.model_dir, config=config, format=args.format

@@ -118,10 +118,58 @@ def _print_report(report) -> None:
 
 
 @app.command()
+def govern(
+    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    workdir: str = typer.Option(..., help="Work directory (class map goes to WORKDIR/govern)."),
+    queries: str | None = typer.Option(None, help="Query set whose labels are checked."),
+    model_dir: str | None = typer.Option(
+        None, "--model", help="Exported model: add its document embeddings to the features."
+    ),
+    policy: str = typer.Option("sqrt", help="Sampling for training: none, sqrt or balanced."),
+    cap: int | None = typer.Option(None, help="Most draws of one class per epoch."),
+    truth: Annotated[
+        Path | None, typer.Option(help="oclear synth truth.json to score against.")
+    ] = None,
+    address: RayAddress = None,
+):
+    """Organise the classes: skew and sampling, noisy labels, merges and splits -> class map."""
+    from oclear_ray import storage
+    from oclear_ray.contract import SchemaError
+    from oclear_ray.govern import GovernConfig, load_class_map, score_against_truth
+    from oclear_ray.govern import govern as run_govern
+    from oclear_ray.runtime import init_ray
+
+    try:
+        config = GovernConfig(policy=policy, cap=cap)
+        init_ray(address)
+        with progress_bar("govern: validate") as advance:
+            result = run_govern(
+                catalog,
+                workdir,
+                config=config,
+                model_dir=model_dir,
+                queries=queries,
+                progress=advance,
+            )
+    except (SchemaError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(storage.read_bytes(storage.join(workdir, "govern", "report.md")).decode())
+    console.print(f"class map: {result.class_map_path} (version {result.version})")
+    if truth is not None:
+        class_map = load_class_map(result.class_map_path)
+        scores = score_against_truth(class_map, json.loads(truth.read_text()))
+        console.print_json(json.dumps(scores))
+
+
+@app.command()
 def train(
     catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
     workdir: str = typer.Option(..., help="Work directory (model goes to WORKDIR/train/model)."),
     queries: str | None = typer.Option(None, help="Training query photos."),
+    class_map: str | None = typer.Option(
+        None, help="Class map from oclear govern; default WORKDIR/govern/class_map.json if any."
+    ),
     config: str | None = typer.Option(None, help="YAML training config."),
     workers: int | None = typer.Option(None, help="Ray Train workers."),
     steps: int | None = typer.Option(None, help="Scale the schedule to this many steps."),
@@ -138,7 +186,7 @@ def train(
         config, workers=workers, steps=steps, max_minutes=max_minutes, use_gpu=use_gpu
     )
     init_ray(address)
-    result = fit(cfg, catalog=catalog, queries=queries, workdir=workdir)
+    result = fit(cfg, catalog=catalog, queries=queries, workdir=workdir, class_map=class_map)
     console.print(f"model: {result.model_dir} ({result.num_classes} classes)")
     if result.metrics:
         console.print_json(json.dumps(result.metrics))

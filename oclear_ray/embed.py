@@ -6,6 +6,11 @@
 temporary name and renamed, so a part that exists is complete. A rerun (after a kill, or with a
 catalog holding new documents) embeds only the ids no part holds yet, after deleting the parts
 of any other model version. ``embed.json`` is written last: the embeddings are complete.
+
+``EmbedConfig(image_only=True)`` embeds documents from their image alone (the fusion ablation):
+such embeddings carry the version ``<model_version>+image-only``, so they never mix with fused
+parts, an index built from them is rebuilt when the embeddings change kind, and a server running
+the plain model refuses it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ FORMAT = "oclear-ray/embeddings/v1"
 SUMMARY_FILE = "embed.json"
 VERSION_KEY = b"oclear.model_version"
 FIRST_COLUMNS = ("doc_id", "vector", "model_version")
+IMAGE_ONLY_SUFFIX = "+image-only"
+
+
+def embedding_version(model_version: str, image_only: bool) -> str:
+    """The version embeddings carry: the model's, marked when documents were embedded from
+    their image alone."""
+    return model_version + IMAGE_ONLY_SUFFIX if image_only else model_version
 
 
 @dataclass(kw_only=True)
@@ -33,7 +45,8 @@ class EmbedConfig:
 
     ``threads_per_actor`` defaults to the actor's whole CPUs (at least 1): Ray sets
     ``OMP_NUM_THREADS`` from the CPU request, which for fractional CPUs is not what we want.
-    ``use_gpu=None`` takes one GPU per actor when the cluster has GPUs.
+    ``use_gpu=None`` takes one GPU per actor when the cluster has GPUs. ``image_only`` embeds
+    documents without their text (the document encoder's image-only path).
     """
 
     batch_size: int = 64
@@ -42,6 +55,7 @@ class EmbedConfig:
     threads_per_actor: int | None = None
     use_gpu: bool | None = None
     rows_per_part: int = 10_000
+    image_only: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "actors", "rows_per_part"):
@@ -87,7 +101,9 @@ class DocEmbedder:
     Input: contract rows with image bytes resolved (``clean``); output: ``embedding_table``.
     """
 
-    def __init__(self, model_dir: str, *, threads: int, device: str = "cpu"):
+    def __init__(
+        self, model_dir: str, *, threads: int, device: str = "cpu", image_only: bool = False
+    ):
         import torch
 
         from oclear_ray.export import load_doc_encoder
@@ -95,12 +111,14 @@ class DocEmbedder:
         torch.set_num_threads(threads)
         self.encoder = load_doc_encoder(model_dir)
         self.encoder.model.to(device)
+        self.image_only = image_only
+        self.version = embedding_version(self.encoder.model_version, image_only)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
-        texts = [t or "" for t in batch.column("text").to_pylist()]
+        texts = None if self.image_only else [t or "" for t in batch.column("text").to_pylist()]
         vectors = self.encoder.encode_doc(images, texts).float().cpu().numpy()
-        return embedding_table(batch, vectors, self.encoder.model_version)
+        return embedding_table(batch, vectors, self.version)
 
 
 def part_path(embed_dir: str, number: int) -> str:
@@ -249,6 +267,7 @@ def embed_dataset(ds, model_dir: str, config: EmbedConfig):
             "model_dir": os.path.abspath(model_dir),
             "threads": config.threads,
             "device": device,
+            "image_only": config.image_only,
         },
         **resources,
     )
@@ -297,7 +316,8 @@ def embed_catalog(
     """
     config = config or EmbedConfig()
     model_dir = model_dir or storage.join(workdir, "train", "model")
-    version, dim = _model_info(model_dir)
+    model_version, dim = _model_info(model_dir)
+    version = embedding_version(model_version, config.image_only)
     out = storage.join(workdir, "embed")
     ds, report, number = _pending(catalog, workdir, out, version, format)
     rows = embed_dataset(ds, model_dir, config)
@@ -307,7 +327,12 @@ def embed_catalog(
         number, embedded = number + 1, embedded + table.num_rows
         if progress is not None:
             progress(table.num_rows)
-    extra = {"catalog": str(catalog), "validation": report.to_dict()}
+    extra = {
+        "catalog": str(catalog),
+        "validation": report.to_dict(),
+        "encoder_model_version": model_version,
+        "doc_inputs": "image" if config.image_only else "image+text",
+    }
     summary = write_summary(out, version, dim, extra)
     return EmbedResult(
         embed_dir=out,

@@ -1,13 +1,39 @@
-"""The evaluate stage: retrieval metrics by label match.
+"""The evaluate stage: retrieval metrics by label match, written to ``WORKDIR/eval``.
 
-``label_recall`` scores query embeddings against document embeddings with exact inner-product
-search (FAISS ``IndexFlatIP``); ``embed_in_process`` embeds small sets with an exported encoder
-without Ray, for quick checks and benchmarks.
+A retrieved document is relevant when its label equals the query's label. Metrics are plain
+functions over a boolean relevance matrix ``rel`` [queries, ranks] (best first) and ``R``, the
+number of catalog documents carrying each query's label: recall@k, MAP@R (R capped at the
+search depth) and nDCG@k with binary gains. Queries whose label no document carries count as
+misses everywhere (their R is 0).
+
+``evaluate`` embeds the queries with the exported query encoder through a Ray Data actor pool,
+searches the index (ANN) and, for reference, the embeddings by brute force (exact), and writes
+``report.json`` and ``report.html`` (recall curves, query -> top-k thumbnails).
+``exact_search``, ``label_recall`` and ``embed_in_process`` are the small in-process helpers
+(no Ray) that benchmarks use.
 """
 
+# ruff: noqa: E741 -- FAISS naming: D, I are distances and ids
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import html
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from oclear_ray import storage
+from oclear_ray.embed import EmbedConfig, embedding_version
+
+NO_CATEGORY = "(none)"
 
 
 def exact_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -19,11 +45,74 @@ def exact_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np
     return index.search(np.ascontiguousarray(xq, dtype=np.float32), min(k, xb.shape[0]))
 
 
+def relevance(I: np.ndarray, query_labels, doc_labels) -> np.ndarray:
+    """``rel[q, j]``: the document at rank ``j`` of query ``q`` has the query's label
+    (ids of -1, past the last result, are not relevant)."""
+    doc_labels = np.asarray(list(doc_labels) + [None], dtype=object)  # id -1 -> None
+    found = doc_labels[np.where(I < 0, len(doc_labels) - 1, I)]
+    query_labels = np.asarray(query_labels, dtype=object)[:, None]
+    return (found == query_labels) & (query_labels != None)  # noqa: E711 -- elementwise
+
+
 def label_recall(I: np.ndarray, query_labels, doc_labels, ks=(1, 5, 10)) -> dict[str, float]:
     """Recall@k: the share of queries with a document of their label among the top ``k``."""
-    doc_labels = np.asarray(doc_labels, dtype=object)
-    hits = doc_labels[I] == np.asarray(query_labels, dtype=object)[:, None]
-    return {f"recall@{k}": float(hits[:, :k].any(1).mean()) for k in ks}
+    return recall_at(relevance(I, query_labels, doc_labels), ks)
+
+
+def recall_at(rel: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """``recall@k``: the share of queries with a relevant document in the top ``k``."""
+    return {f"recall@{k}": float(rel[:, :k].any(1).mean()) for k in ks}
+
+
+def recall_curve(rel: np.ndarray, depth: int) -> list[float]:
+    """Recall@k for k = 1..``depth`` (capped at the ranks searched)."""
+    first = np.where(rel.any(1), rel.argmax(1), rel.shape[1])  # rank of the first hit
+    return [float((first < k).mean()) for k in range(1, min(depth, rel.shape[1]) + 1)]
+
+
+def map_at_r(rel: np.ndarray, R: np.ndarray) -> float:
+    """MAP@R: per query, the mean over its first ``R`` ranks of precision@i at relevant ranks,
+    divided by ``R`` (0 when R is 0). ``R`` is capped at the ranks searched."""
+    R = np.minimum(np.asarray(R), rel.shape[1])
+    ranks = np.arange(1, rel.shape[1] + 1)
+    within = rel & (ranks[None, :] <= R[:, None])
+    precision = np.cumsum(within, 1) / ranks
+    ap = (precision * within).sum(1) / np.maximum(R, 1)
+    return float(ap.mean())
+
+
+def ndcg_at(rel: np.ndarray, R: np.ndarray, k: int = 10) -> float:
+    """nDCG@k with binary gains; the ideal ranking puts ``min(R, k)`` relevant documents first."""
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (rel[:, :k] * discount[: rel[:, :k].shape[1]]).sum(1)
+    ideal = np.concatenate([[0.0], np.cumsum(discount)])[np.minimum(np.asarray(R), k)]
+    return float(np.mean(np.divide(dcg, ideal, out=np.zeros_like(dcg), where=ideal > 0)))
+
+
+def per_category(rel: np.ndarray, categories, k: int = 1) -> dict[str, dict]:
+    """Per query category: ``{"queries": n, "recall@k": r}``, categories sorted."""
+    categories = np.asarray(categories, dtype=object)
+    out = {}
+    for name in sorted(set(categories.tolist())):
+        mask = categories == name
+        out[name] = {"queries": int(mask.sum()), f"recall@{k}": float(rel[mask, :k].any(1).mean())}
+    return out
+
+
+def retrieval_metrics(rel: np.ndarray, R: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """recall@k for ``ks``, ``map@r`` and ``ndcg@10`` of one ranking."""
+    return {**recall_at(rel, ks), "map@r": map_at_r(rel, R), "ndcg@10": ndcg_at(rel, R, 10)}
+
+
+def overlap_at(found, truth, k: int) -> float:
+    """Mean share of the ``truth`` top-``k`` ids (any hashable) found in the ``found`` top-``k``
+    (None / -1 are padding): ANN recall against exact search."""
+    pads = {None, -1}
+    shares = [
+        len(set(a[:k]) & (set(b[:k]) - pads)) / max(1, len(set(b[:k]) - pads))
+        for a, b in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size: int = 256):
@@ -36,3 +125,585 @@ def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size:
         emb = encoder.encode_doc(im, tx) if doc else encoder.encode_query(im, tx)
         out.append(emb.float().numpy())
     return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------- query embedding
+
+
+def encode_queries(encoder, images: list, texts: list) -> np.ndarray:
+    """Query embeddings [N, D] for rows with an image, a text, or both: rows are grouped by
+    what they carry, one encoder call per group."""
+    has_image = np.array([b is not None for b in images])
+    has_text = np.array([bool(t) for t in texts])
+    out = None
+    for with_image, with_text in ((True, True), (True, False), (False, True)):
+        rows = np.flatnonzero((has_image == with_image) & (has_text == with_text))
+        if not len(rows):
+            continue
+        im = [images[i] for i in rows] if with_image else None
+        tx = [texts[i] for i in rows] if with_text else None
+        emb = encoder.encode_query(images=im, texts=tx).float().cpu().numpy()
+        out = np.zeros((len(images), emb.shape[1]), np.float32) if out is None else out
+        out[rows] = emb
+    missing = np.flatnonzero(~has_image & ~has_text)
+    if len(missing):
+        raise ValueError(f"query rows {missing[:10].tolist()} have neither image nor text")
+    return out
+
+
+def thumbnail(data: bytes | None, size: int = 64) -> bytes | None:
+    """A small PNG of an encoded image (None stays None; undecodable gives None)."""
+    from PIL import Image
+
+    if data is None:
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.thumbnail((size, size))
+        buf = io.BytesIO()
+        image.convert("RGBA").save(buf, format="PNG")
+        return buf.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):  # decoration only: skip it
+        return None
+
+
+def sampled(ids, rate: float) -> np.ndarray:
+    """Deterministic sample of ids (crc32 below ``rate``): the queries shown in the grid."""
+    cut = rate * 2**32
+    return np.array([zlib.crc32(str(i).encode()) < cut for i in ids], dtype=bool)
+
+
+class QueryEmbedder:
+    """``map_batches`` class: loads the query encoder once per actor, embeds a batch.
+
+    Output: ``query_id``, ``label``, ``text``, ``vector`` and ``thumbnail`` (PNG bytes for the
+    ``thumb_rate`` sample of queries the report shows, else null).
+    """
+
+    def __init__(self, model_dir: str, *, threads: int, device: str = "cpu", thumb_rate=0.0):
+        import torch
+
+        from oclear_ray.export import load_query_encoder
+
+        torch.set_num_threads(threads)
+        self.encoder = load_query_encoder(model_dir)
+        self.encoder.model.to(device)
+        self.thumb_rate = thumb_rate
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images = batch.column("image").to_pylist()
+        texts = [t or "" for t in batch.column("text").to_pylist()]
+        vectors = encode_queries(self.encoder, images, texts)
+        ids = batch.column("query_id").to_pylist()
+        show = sampled(ids, self.thumb_rate)
+        thumbs = [thumbnail(b) if s else None for b, s in zip(images, show, strict=True)]
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        return pa.table(
+            {
+                "query_id": batch.column("query_id"),
+                "label": batch.column("label"),
+                "text": pa.array(texts, pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+                "thumbnail": pa.array(thumbs, pa.binary()),
+            }
+        )
+
+
+def embed_queries(ds, model_dir: str, config: EmbedConfig, *, thumb_rate: float = 0.0):
+    """``ds`` (clean query rows) -> query embedding rows through a pool of ``QueryEmbedder``."""
+    from ray.data import ActorPoolStrategy
+
+    from oclear_ray.embed import _actor_resources
+
+    resources, device = _actor_resources(config)
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    return ds.map_batches(
+        QueryEmbedder,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(size=config.actors),
+        fn_constructor_kwargs={
+            "model_dir": os.path.abspath(model_dir),
+            "threads": config.threads,
+            "device": device,
+            "thumb_rate": thumb_rate,
+        },
+        **resources,
+    )
+
+
+# ---------------------------------------------------------------------------- the stage
+
+FORMAT = "oclear-ray/eval/v1"
+
+
+def _default_pool() -> EmbedConfig:
+    return EmbedConfig(actors=1, cpus_per_actor=0.5, threads_per_actor=2, batch_size=64)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """What ``evaluate`` measures and shows.
+
+    ``ks``: recall cut-offs; ``curve_depth``: ranks of the recall curves; ``max_r``: MAP@R's
+    R is capped here (the search depth); ``grid_queries`` / ``grid_k``: queries shown in the
+    HTML report and documents per query; ``category_level``: leading segments of the ``/``
+    category path used for per-category recall; ``pool``: the query-encoder actor pool.
+    """
+
+    ks: tuple[int, ...] = (1, 5, 10)
+    curve_depth: int = 20
+    max_r: int = 100
+    grid_queries: int = 24
+    grid_k: int = 8
+    category_level: int = 1
+    pool: EmbedConfig = field(default_factory=_default_pool)
+
+    def __post_init__(self):
+        self.ks = tuple(self.ks)
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be positive cut-offs, got {self.ks}")
+        for name in ("curve_depth", "max_r", "grid_k", "category_level"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grid_queries < 0:
+            raise ValueError(f"grid_queries must be >= 0, got {self.grid_queries}")
+
+    @property
+    def depth(self) -> int:
+        """Ranks searched per query: enough for every cut-off, the curve, nDCG@10 and MAP@R."""
+        return max(*self.ks, self.curve_depth, self.grid_k, self.max_r, 10)
+
+
+@dataclass
+class Catalog:
+    """The embedded documents (``WORKDIR/embed``): ids, labels, categories, unit vectors."""
+
+    doc_ids: np.ndarray
+    labels: np.ndarray
+    categories: np.ndarray
+    vectors: np.ndarray
+    summary: dict
+
+    @classmethod
+    def load(cls, embed_dir: str) -> Catalog:
+        from oclear_ray.embed import list_parts, read_parts, read_summary, vectors_of
+        from oclear_ray.search import normalize
+
+        summary = read_summary(embed_dir)
+        table = read_parts(list_parts(embed_dir), ["doc_id", "vector", "label", "category"])
+        return cls(
+            doc_ids=np.asarray(table.column("doc_id").to_pylist(), dtype=object),
+            labels=np.asarray(table.column("label").to_pylist(), dtype=object),
+            categories=np.asarray(table.column("category").to_pylist(), dtype=object),
+            vectors=normalize(vectors_of(table)),
+            summary=summary,
+        )
+
+    def label_counts(self, query_labels) -> np.ndarray:
+        """R per query: the documents carrying its label."""
+        counts = Counter(self.labels.tolist())
+        return np.array([counts.get(label, 0) if label else 0 for label in query_labels])
+
+    def query_categories(self, query_labels, level: int) -> list[str]:
+        """A query's category: the most common category of its label's documents, cut to
+        ``level`` segments (``(none)`` when no document carries the label or a category)."""
+        by_label: dict = {}
+        for label, category in zip(self.labels, self.categories, strict=True):
+            by_label.setdefault(label, Counter())[category or NO_CATEGORY] += 1
+        out = []
+        for label in query_labels:
+            found = by_label.get(label)
+            top = found.most_common(1)[0][0] if found else NO_CATEGORY
+            out.append("/".join(top.split("/")[:level]))
+        return out
+
+
+def rows_of(index, catalog: Catalog, I: np.ndarray) -> np.ndarray:
+    """Index ids -> rows of ``catalog`` (-1 for padding or ids the embeddings no longer hold)."""
+    documents = index.documents
+    ids = documents.column("id").to_numpy()
+    row_of_doc = pc.index_in(
+        documents.column("doc_id"), value_set=pa.array(catalog.doc_ids.tolist(), pa.string())
+    )
+    row_of_doc = row_of_doc.fill_null(-1).to_numpy(zero_copy_only=False)
+    pos = np.clip(np.searchsorted(ids, I), 0, len(ids) - 1)
+    known = (I >= 0) & (ids[pos] == I)
+    return np.where(known, row_of_doc[pos], -1)
+
+
+def _read_queries(queries: str, workdir: str, model_dir: str, config: EvalConfig, format):
+    """Validate (bad rows to ``WORKDIR/quarantine/``), clean and embed the queries: the table
+    of labelled query embeddings sorted by id, the validation report, unlabelled rows."""
+    from oclear_ray.contract import QUERIES
+    from oclear_ray.read import clean, read, validate
+
+    stem = os.path.basename(str(queries).rstrip("/")).split(".")[0] or "queries"
+    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
+    report = validate(read(queries, QUERIES, format=format), QUERIES, quarantine)
+    if not report.good:
+        raise ValueError(f"{queries}: no usable query rows (see {quarantine})")
+    ds = clean(read(queries, QUERIES, format=format), QUERIES, report)
+    rate = min(1.0, 4 * config.grid_queries / report.good)
+    rows = embed_queries(ds, model_dir, config.pool, thumb_rate=rate)
+    table = pa.concat_tables(list(rows.iter_batches(batch_format="pyarrow", batch_size=None)))
+    labelled = pc.fill_null(pc.not_equal(table.column("label"), ""), False)
+    return (
+        table.filter(labelled).sort_by("query_id"),
+        report,
+        table.num_rows - pc.sum(labelled).as_py(),
+    )
+
+
+def read_model_version(model_dir: str) -> str:
+    from oclear_ray.export import read_manifest
+
+    return read_manifest(model_dir)["model_version"]
+
+
+def check_embeddings(model_dir: str, summary: dict) -> None:
+    """Refuse embeddings (fused or image-only) not made by the model in ``model_dir``."""
+    model_version = read_model_version(model_dir)
+    allowed = {embedding_version(model_version, flag) for flag in (False, True)}
+    if summary["model_version"] not in allowed:
+        raise ValueError(
+            f"embeddings were made with model version {summary['model_version']}, not by the "
+            f"model at {model_dir} ({model_version}): run `oclear embed` with it first"
+        )
+
+
+def grid_rate(config: EvalConfig, queries: int) -> float:
+    """The share of queries sampled for the grid: about 4x ``grid_queries``, then cut."""
+    return min(1.0, 4 * config.grid_queries / max(1, queries))
+
+
+def _embed_catalog_in_memory(catalog_path, workdir, model_dir, pool: EmbedConfig, doc_ids):
+    """The catalog embedded through Ray Data (``embed_dataset``) into memory, rows aligned to
+    ``doc_ids``: the other kind of document embedding for the fusion ablation."""
+    from oclear_ray.contract import CATALOG
+    from oclear_ray.embed import embed_dataset, vectors_of
+    from oclear_ray.read import clean, read, validate
+    from oclear_ray.search import normalize
+
+    stem = os.path.basename(str(catalog_path).rstrip("/")).split(".")[0] or "catalog"
+    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
+    report = validate(read(catalog_path, CATALOG), CATALOG, quarantine)
+    ds = clean(read(catalog_path, CATALOG), CATALOG, report)
+    rows = embed_dataset(ds, model_dir, pool).select_columns(["doc_id", "vector"])
+    table = pa.concat_tables(list(rows.iter_batches(batch_format="pyarrow", batch_size=None)))
+    where = pc.index_in(pa.array(doc_ids.tolist(), pa.string()), value_set=table["doc_id"])
+    if where.null_count:
+        raise ValueError(f"{catalog_path} lacks {where.null_count} embedded documents")
+    return normalize(vectors_of(table.take(where)))
+
+
+def fusion_ablation(docs: Catalog, xq, labels, *, workdir, model_dir, config, catalog) -> dict:
+    """The same queries against the catalog embedded both ways by the same model (exact
+    search): ``{"fused": metrics, "image_only": metrics}``. ``WORKDIR/embed`` holds one kind;
+    the other is embedded here, from ``catalog``, through Ray Data."""
+    held = "image_only" if docs.summary.get("doc_inputs") == "image" else "fused"
+    other = "fused" if held == "image_only" else "image_only"
+    pool = EmbedConfig(**{**asdict(config.pool), "image_only": other == "image_only"})
+    vectors = {
+        held: docs.vectors,
+        other: _embed_catalog_in_memory(catalog, workdir, model_dir, pool, docs.doc_ids),
+    }
+    R = docs.label_counts(labels)
+    out = {"search": "exact", "documents": len(docs.doc_ids)}
+    for name in ("fused", "image_only"):
+        _, I = exact_search(xq, vectors[name], config.depth)
+        out[name] = retrieval_metrics(relevance(I, labels, docs.labels), R, config.ks)
+    return out
+
+
+def _timed(clock: dict, name: str, start: float) -> float:
+    import time
+
+    now = time.perf_counter()
+    clock[name] = round(now - start, 3)
+    return now
+
+
+def score(ann: np.ndarray, exact: np.ndarray, labels, docs: Catalog, config: EvalConfig) -> dict:
+    """The metrics of the report from ANN and exact catalog rows [queries, ranks]: the ANN
+    ones at top level, ``exact``, ANN-vs-exact recall@10, per category, recall curves."""
+    R = docs.label_counts(labels)
+    rel_ann, rel_exact = relevance(ann, labels, docs.labels), relevance(exact, labels, docs.labels)
+    return {
+        **retrieval_metrics(rel_ann, R, config.ks),
+        "exact": retrieval_metrics(rel_exact, R, config.ks),
+        "ann_vs_exact": {"recall@10": overlap_at(ann, exact, 10)},
+        "per_category": per_category(rel_ann, docs.query_categories(labels, config.category_level)),
+        "curves": {
+            "ann": recall_curve(rel_ann, config.curve_depth),
+            "exact": recall_curve(rel_exact, config.curve_depth),
+        },
+        "queries_without_documents": int((R == 0).sum()),
+    }
+
+
+def provenance(workdir, queries, model_dir, catalog, config, docs: Catalog, index) -> dict:
+    """What the report was made from: versions, inputs, config, time."""
+    return {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_version": read_model_version(model_dir),
+        "embeddings_version": docs.summary["model_version"],
+        "doc_inputs": docs.summary.get("doc_inputs", "image+text"),
+        "index_version": index.manifest["version"],
+        "index_factory": index.manifest.get("factory"),
+        "inputs": {
+            "workdir": str(workdir),
+            "queries": str(queries),
+            "model_dir": str(model_dir),
+            "catalog": catalog,
+            "config": {**asdict(config), "ks": list(config.ks)},
+        },
+        "n_documents": len(docs.doc_ids),
+    }
+
+
+def evaluate(
+    workdir: str,
+    queries: str,
+    *,
+    model_dir: str | None = None,
+    config: EvalConfig | None = None,
+    format: str | None = None,
+    catalog: str | None = None,
+    image_only_docs: bool = False,
+) -> dict:
+    """Evaluate retrieval of ``queries`` (labelled; ``format`` is theirs) against
+    ``WORKDIR/index``; write ``WORKDIR/eval/report.json`` and ``report.html``; return the report.
+
+    ``catalog`` (default: the one ``WORKDIR/embed`` was made from) gives the document
+    thumbnails and, with ``image_only_docs``, the fusion ablation.
+    """
+    import time
+
+    from oclear_ray.embed import vectors_of
+    from oclear_ray.search import SearchIndex, normalize
+
+    config = config or EvalConfig()
+    model_dir = model_dir or storage.join(workdir, "train", "model")
+    clock, start = {}, time.perf_counter()
+    docs = Catalog.load(storage.join(workdir, "embed"))
+    check_embeddings(model_dir, docs.summary)
+    index = SearchIndex.load(storage.join(workdir, "index"), docs.summary["model_version"])
+    catalog = catalog or docs.summary.get("catalog")
+    if image_only_docs and not catalog:
+        raise ValueError("the fusion ablation needs the catalog: pass catalog=")
+    report = provenance(workdir, queries, model_dir, catalog, config, docs, index)
+    t = _timed(clock, "load_s", start)
+    table, validation, unlabelled = _read_queries(queries, workdir, model_dir, config, format)
+    t = _timed(clock, "embed_queries_s", t)
+    xq, labels = normalize(vectors_of(table)), table.column("label").to_pylist()
+    ann = rows_of(index, docs, index.search(xq, config.depth)[1])
+    t = _timed(clock, "ann_search_s", t)
+    exact = exact_search(xq, docs.vectors, config.depth)[1]
+    t = _timed(clock, "exact_search_s", t)
+    report |= {"n_queries": len(labels), "unlabelled_queries": int(unlabelled)}
+    report |= {"validation": validation.to_dict(), **score(ann, exact, labels, docs, config)}
+    if image_only_docs:
+        report["fusion_ablation"] = fusion_ablation(
+            docs, xq, labels, workdir=workdir, model_dir=model_dir, config=config, catalog=catalog
+        )
+        t = _timed(clock, "fusion_ablation_s", t)
+    rel = relevance(ann, labels, docs.labels)
+    grid = query_grid(table, docs, ann, rel, config, validation.good, catalog)
+    _timed(clock, "grid_s", t)
+    report["timing_s"] = {**clock, "total_s": round(time.perf_counter() - start, 3)}
+    write_report(storage.join(workdir, "eval"), report, grid)
+    return report
+
+
+# ---------------------------------------------------------------------------- the HTML report
+
+
+def document_images(catalog: str | None, doc_ids) -> dict:
+    """doc_id -> thumbnail PNG for ``doc_ids`` read from ``catalog`` (empty when there is no
+    catalog to read). Parquet is filtered by pyarrow directly (a few rows); other formats go
+    through the reader."""
+    from oclear_ray.read import detect_format
+
+    wanted = pa.array(sorted(set(doc_ids)), pa.string())
+    if catalog is None or not len(wanted) or not storage.exists(catalog):
+        return {}
+    if detect_format(catalog) == "parquet":
+        rows = _parquet_rows(catalog, wanted)
+    else:
+        rows = _reader_rows(catalog, wanted)
+    out = {}
+    for row in rows:
+        data = row.get("image")
+        if data is None and row.get("image_path"):
+            data = storage.read_bytes(row["image_path"])
+        out.setdefault(row["doc_id"], thumbnail(data))
+    return out
+
+
+def _parquet_rows(catalog: str, wanted: pa.Array) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(catalog)
+    data = pads.dataset(path, filesystem=fs, format="parquet")
+    columns = [c for c in ("doc_id", "image", "image_path") if c in data.schema.names]
+    return data.to_table(columns=columns, filter=pc.field("doc_id").isin(wanted)).to_pylist()
+
+
+def _reader_rows(catalog: str, wanted: pa.Array) -> list[dict]:
+    from oclear_ray.contract import CATALOG
+    from oclear_ray.read import read
+
+    def keep(batch: pa.Table) -> pa.Table:
+        batch = batch.filter(pc.is_in(batch.column("doc_id"), value_set=wanted))
+        return batch.select(["doc_id", "image", "image_path"])
+
+    return read(catalog, CATALOG).map_batches(keep, batch_format="pyarrow").take_all()
+
+
+def query_grid(table, docs: Catalog, rows, rel, config: EvalConfig, good: int, catalog):
+    """The queries shown in the report (a deterministic sample, at most ``grid_queries``) with
+    their top ``grid_k`` documents: dicts of ids, labels, relevance and thumbnails."""
+    ids = table.column("query_id").to_pylist()
+    shown = np.flatnonzero(sampled(ids, grid_rate(config, good)))[: config.grid_queries]
+    k = min(config.grid_k, rows.shape[1])
+    hits = rows[shown, :k]
+    images = document_images(catalog, docs.doc_ids[hits[hits >= 0]].tolist())
+    labels, texts = table.column("label").to_pylist(), table.column("text").to_pylist()
+    thumbs = table.column("thumbnail").to_pylist()
+    grid = []
+    for q, found in zip(shown, hits, strict=True):
+        ranked = [
+            {
+                "doc_id": docs.doc_ids[r],
+                "label": docs.labels[r],
+                "relevant": bool(rel[q, j]),
+                "thumbnail": images.get(docs.doc_ids[r]),
+            }
+            for j, r in enumerate(found)
+            if r >= 0
+        ]
+        grid.append(
+            {
+                "query_id": ids[q],
+                "label": labels[q],
+                "text": texts[q],
+                "thumbnail": thumbs[q],
+                "hits": ranked,
+            }
+        )
+    return grid
+
+
+def write_report(eval_dir: str, report: dict, grid: list[dict]) -> None:
+    """``report.json`` and ``report.html``, each written atomically."""
+    text = json.dumps(report, indent=2, sort_keys=True, default=str)
+    storage.write_bytes(storage.join(eval_dir, "report.html"), render_html(report, grid).encode())
+    storage.write_bytes(storage.join(eval_dir, "report.json"), text.encode())
+
+
+def _data_uri(png: bytes | None) -> str | None:
+    return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def recall_svg(curves: dict[str, list[float]], width: int = 480, height: int = 260) -> str:
+    """Recall@k curves as an inline SVG (k on x, recall 0..1 on y)."""
+    left, bottom, top, right = 40, 30, 10, 110
+    depth = max((len(c) for c in curves.values()), default=1)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(k: int, r: float) -> str:
+        x = left + plot_w * (k - 1) / max(1, depth - 1)
+        return f"{x:.1f},{top + plot_h * (1 - r):.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + plot_h * (1 - tick)
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick}</text>'
+        )
+    for k in sorted({1, 5, 10, depth} & set(range(1, depth + 1))):
+        x, _ = xy(k, 0).split(",")
+        parts.append(
+            f'<text x="{x}" y="{height - 12}" font-size="10" text-anchor="middle">{k}</text>'
+        )
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 1}" font-size="10">k</text>')
+    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+    for i, (name, curve) in enumerate(curves.items()):
+        points = " ".join(xy(k, r) for k, r in enumerate(curve, 1))
+        colour = colours[i % len(colours)]
+        parts.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>'
+            f'<text x="{left + plot_w + 8}" y="{top + 14 * (i + 1)}" font-size="11" '
+            f'fill="{colour}">{html.escape(name)}</text>'
+        )
+    return "".join(parts) + "</svg>"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _tile(item: dict, caption: str, css: str) -> str:
+    uri = _data_uri(item.get("thumbnail"))
+    inner = f'<img src="{uri}" alt="">' if uri else '<div class="noimg">no image</div>'
+    return f'<figure class="{css}">{inner}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def grid_html(grid: list[dict]) -> str:
+    """One line per query: the query, then its ranked documents (green: same label)."""
+    lines = []
+    for q in grid:
+        caption = f"{q['query_id']} [{q['label']}]" + (f" “{q['text']}”" if q["text"] else "")
+        tiles = [_tile(q, caption, "query")]
+        tiles += [
+            _tile(h, f"{h['doc_id']} [{h['label']}]", "hit" if h["relevant"] else "miss")
+            for h in q["hits"]
+        ]
+        lines.append(f'<div class="row">{"".join(tiles)}</div>')
+    return f'<div class="grid">{"".join(lines)}</div>'
+
+
+STYLE = """body{font-family:sans-serif;margin:20px}table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.row{display:flex;gap:6px;
+margin:6px 0}figure{margin:0;width:84px;font-size:9px;text-align:center;word-break:break-all}
+figure img,.noimg{width:64px;height:64px;border:3px solid #999}.hit img,.hit .noimg{
+border-color:#2a2}.miss img,.miss .noimg{border-color:#d33}.query img{border-color:#36c}
+.noimg{display:inline-block;background:#eee;font-size:9px}"""
+
+
+def render_html(report: dict, grid: list[dict]) -> str:
+    """A self-contained page (no network resources): versions, metrics, curves, categories,
+    and the query -> top-k grid."""
+    names = [k for k in report if k.startswith("recall@")] + ["map@r", "ndcg@10"]
+    metrics = [["ANN (index)", *(report[n] for n in names)]]
+    metrics.append(["exact", *(report["exact"][n] for n in names)])
+    for name in ("fused", "image_only"):
+        if "fusion_ablation" in report:
+            row = report["fusion_ablation"][name]
+            metrics.append([f"exact, {name} documents", *(row[n] for n in names)])
+    categories = [[c, v["queries"], v["recall@1"]] for c, v in report["per_category"].items()]
+    info = [
+        ["model version", report["model_version"]],
+        ["embeddings", f"{report['embeddings_version']} ({report['doc_inputs']})"],
+        ["index version", f"{report['index_version']} ({report['index_factory']})"],
+        ["queries / documents", f"{report['n_queries']} / {report['n_documents']}"],
+        ["ANN vs exact recall@10", f"{report['ann_vs_exact']['recall@10']:.4f}"],
+        ["created", report["created"]],
+    ]
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>oclear-ray eval</title>"
+        f"<style>{STYLE}</style></head><body><h1>Retrieval evaluation</h1>"
+        f"{_table(['', ''], info)}<h2>Metrics (label match)</h2>"
+        f"{_table(['search', *names], metrics)}<h2>Recall@k</h2>"
+        f"{recall_svg({'ANN': report['curves']['ann'], 'exact': report['curves']['exact']})}"
+        f"<h2>Per category</h2>{_table(['category', 'queries', 'recall@1'], categories)}"
+        f"<h2>Queries and their top documents</h2>{grid_html(grid)}</body></html>"
+    )

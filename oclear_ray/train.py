@@ -9,6 +9,7 @@ checkpoint, with the same or another number of workers.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -303,6 +304,7 @@ class TrainResult:
     steps: int
     metrics: dict | None
     quarantined: dict
+    class_map_version: str | None = None
 
 
 def _validated(path: str, contract, workdir: str, progress=None):
@@ -319,19 +321,26 @@ def _validated(path: str, contract, workdir: str, progress=None):
     return clean(read(path, contract), contract, report), report
 
 
-def build_class_map(*label_sets) -> dict[str, int]:
-    """Raw label -> class id, sorted for stability (used when no governance class map exists)."""
-    labels = sorted(set().union(*label_sets))
-    return {label: i for i, label in enumerate(labels)}
+def build_class_map(*label_sets) -> dict:
+    """A class map without governance (one class per raw label, sorted for stability), used
+    when no governance class map is given or found."""
+    from oclear_ray.govern import raw_class_map
+
+    return raw_class_map(set().union(*label_sets))
 
 
 def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
-    """Decode and tokenise once (cached in the object store when it fits), augment per epoch."""
+    """Apply the class map, decode and tokenise once (cached in the object store when it
+    fits); per epoch, resample documents by their class's sampling weight and augment."""
     from ray.data import ActorPoolStrategy
 
-    from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries
+    from oclear_ray.govern import apply_class_map, class_weights
+    from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries, resample
 
     pre = cfg.model.preprocess
+    ds = ds.map_batches(
+        apply_class_map, fn_kwargs={"class_map": class_map}, batch_format="pyarrow", num_cpus=0.25
+    )
     prepared = ds.map_batches(
         PrepareBatches,
         batch_format="pyarrow",
@@ -339,7 +348,7 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         num_cpus=0.5,
         compute=ActorPoolStrategy(min_size=1, max_size=2),
         fn_constructor_kwargs=dict(
-            class_map=class_map,
+            class_map={str(k): k for k in range(class_map["num_classes"])},
             tokenizer_path=tokenizer_path,
             image_size=pre.image_size,
             max_text_length=pre.max_text_length,
@@ -347,6 +356,11 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
     )
     if cfg.data.cache:
         prepared = prepared.materialize()
+    weights = class_weights(class_map)
+    if view == "doc" and weights is not None:
+        prepared = prepared.map_batches(
+            resample, fn_kwargs={"weights": weights}, batch_format="numpy", num_cpus=0.25
+        )
     if view == "doc":
         fn, kwargs = augment_docs, {"doc_as_query_rate": cfg.data.doc_as_query_rate}
     else:
@@ -363,7 +377,7 @@ def fit(
     catalog: str,
     workdir: str,
     queries: str | None = None,
-    class_map: dict | None = None,
+    class_map: dict | str | None = None,
     name: str = "train",
     progress=None,
 ) -> TrainResult:
@@ -371,13 +385,15 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from oclear_ray.govern import find_class_map
     from oclear_ray.text import train_tokenizer
 
     docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
     q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
-    if class_map is None:
-        class_map = build_class_map(doc_report.label_set, q_report.label_set if q_report else set())
-    if not class_map:
+    class_map = find_class_map(class_map, workdir) or build_class_map(
+        doc_report.label_set, q_report.label_set if q_report else set()
+    )
+    if not class_map["labels"]:
         raise ValueError(f"no labelled documents in {catalog}: training needs a label column")
     train_dir = storage.join(workdir, "train")
     tokenizer_path = _tokenizer(train_dir, docs, cfg, train_tokenizer)
@@ -397,7 +413,7 @@ def fit(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.to_dict(),
-            "num_classes": len(class_map),
+            "num_classes": class_map["num_classes"],
             "has_queries": q_ds is not None,
             "tokenizer_path": tokenizer_path,
             "model_dir": model_dir,
@@ -419,7 +435,18 @@ def fit(
     quarantined = {"catalog": doc_report.quarantined}
     if q_report:
         quarantined["queries"] = q_report.quarantined
-    return TrainResult(model_dir, len(class_map), cfg.total_steps, result.metrics, quarantined)
+    storage.write_bytes(
+        storage.join(model_dir, "class_map.json"), json.dumps(class_map, sort_keys=True).encode()
+    )
+    return TrainResult(
+        model_dir,
+        class_map["num_classes"],
+        cfg.total_steps,
+        result.metrics,
+        quarantined,
+        class_map_version=class_map["version"],
+    )
+
 
 
 def _abs(path: str) -> str:

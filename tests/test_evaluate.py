@@ -1,0 +1,237 @@
+"""Retrieval metrics against hand-computed values, and the evaluate stage end to end on Ray."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oclear_ray.cli import app
+from oclear_ray.embed import EmbedConfig, embed_catalog, read_summary
+from oclear_ray.evaluate import (
+    EvalConfig,
+    encode_queries,
+    evaluate,
+    label_recall,
+    map_at_r,
+    ndcg_at,
+    overlap_at,
+    per_category,
+    recall_at,
+    recall_curve,
+    relevance,
+)
+from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.index import IndexConfig, sync_index
+from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+from oclear_ray.preprocess import PreprocessConfig
+from oclear_ray.search import SearchIndex, normalize
+from oclear_ray.synth import SynthConfig, generate
+from oclear_ray.text import train_tokenizer
+
+DOC_LABELS = ["a", "b", "a", "c", "d"]  # R: a 2, b 1, c 1, d 1, e 0
+QUERY_LABELS = ["a", "b", "c", "e"]
+I = np.array(
+    [
+        [1, 0, 3, 2, 4],  # a: relevant at ranks 2 and 4
+        [1, 0, 2, 3, 4],  # b: relevant at rank 1
+        [0, 1, 2, 4, -1],  # c: never found (padding -1 past the last result)
+        [0, 1, 2, 3, 4],  # e: no document carries the label
+    ]
+)
+R = np.array([2, 1, 1, 0])
+
+
+def test_relevance_recall_and_curve_by_label_match():
+    rel = relevance(I, QUERY_LABELS, DOC_LABELS)
+    assert rel.tolist()[0] == [False, True, False, True, False]
+    assert not rel[2].any() and not rel[3].any()
+    assert recall_at(rel, (1, 2, 5)) == {"recall@1": 0.25, "recall@2": 0.5, "recall@5": 0.5}
+    assert recall_curve(rel, 10) == [0.25, 0.5, 0.5, 0.5, 0.5]
+    assert label_recall(I, QUERY_LABELS, DOC_LABELS, ks=(1,)) == {"recall@1": 0.25}
+
+
+def test_map_at_r_and_ndcg_exact_values():
+    rel = relevance(I, QUERY_LABELS, DOC_LABELS)
+    # a: in its first R=2 ranks only rank 2 is relevant, P@2 = 1/2 -> AP (1/2)/2; b: AP 1
+    assert map_at_r(rel, R) == pytest.approx((0.25 + 1.0 + 0 + 0) / 4)
+    ndcg_a = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
+    assert ndcg_at(rel, R, 10) == pytest.approx((ndcg_a + 1.0) / 4)
+    assert ndcg_at(rel, R, 1) == pytest.approx(0.25)
+
+
+def test_map_at_r_matches_a_plain_reference():
+    rng = np.random.default_rng(0)
+    rel = rng.random((50, 12)) < 0.3
+    R = rng.integers(0, 20, 50)  # some above the 12 ranks searched: capped
+
+    def reference(row, r):
+        r = min(r, len(row))
+        hits, total = 0, 0.0
+        for i in range(r):
+            if row[i]:
+                hits += 1
+                total += hits / (i + 1)
+        return total / r if r else 0.0
+
+    want = np.mean([reference(row, r) for row, r in zip(rel, R, strict=True)])
+    assert map_at_r(rel, R) == pytest.approx(want)
+
+
+def test_per_category_and_ann_overlap():
+    rel = relevance(I, QUERY_LABELS, DOC_LABELS)
+    got = per_category(rel, ["x", "x", "y", "y"])
+    assert got == {"x": {"queries": 2, "recall@1": 0.5}, "y": {"queries": 2, "recall@1": 0.0}}
+    assert overlap_at([[1, 2, 3], [7, -1, -1]], [[3, 4, 5], [7, 8, -1]], 3) == pytest.approx(
+        (1 / 3 + 1 / 2) / 2
+    )
+
+
+class FakeEncoder:
+    """Marks what each call carried: [has image, has text, len(text)]."""
+
+    def encode_query(self, images=None, texts=None):
+        n = len(images if images is not None else texts)
+        text = [len(t) for t in texts] if texts is not None else [0] * n
+        rows = [[images is not None, texts is not None, t] for t in text]
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_encode_queries_groups_mixed_rows_in_order():
+    got = encode_queries(FakeEncoder(), [b"x", None, b"y", b"z"], ["ab", "abc", "", "a"])
+    assert got.tolist() == [[1, 1, 2], [0, 1, 3], [1, 0, 0], [1, 1, 1]]
+    with pytest.raises(ValueError, match="neither image nor text"):
+        encode_queries(FakeEncoder(), [None], [""])
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthetic catalog and eval queries (some typed) plus one undecodable query photo."""
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root), SynthConfig(docs=100, classes=24, text_query_rate=0.4, seed=1))
+    queries = pq.read_table(root / "eval_queries.parquet")
+    bad = queries.slice(0, 1).to_pylist()
+    bad[0].update(query_id="broken", image=b"\x89PNG not really")
+    full = pa.concat_tables([queries, pa.Table.from_pylist(bad, schema=queries.schema)])
+    pq.write_table(full, root / "queries.parquet")
+    return str(root / "catalog.parquet"), str(root / "queries.parquet"), queries.num_rows
+
+
+@pytest.fixture(scope="module")
+def model_dir(data, tmp_path_factory):
+    """A small random-init model exported the way training exports it."""
+    texts = pq.read_table(data[0], columns=["text"]).column("text").to_pylist()
+    tokenizer = train_tokenizer(texts, vocab_size=200)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        text=TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        ),
+        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
+        embed_dim=32,
+    )
+    out = tmp_path_factory.mktemp("model")
+    export_model(RetrievalModel(config).eval(), tokenizer, out)
+    return str(out)
+
+
+CONFIG = EvalConfig(grid_queries=5, grid_k=4)
+
+
+@pytest.fixture(scope="module")
+def fused(ray_cluster, data, model_dir, tmp_path_factory):
+    """embed (fused) -> index (2 shards) -> evaluate with the fusion ablation."""
+    workdir = str(tmp_path_factory.mktemp("fused"))
+    embed_catalog(data[0], workdir, model_dir=model_dir, config=EmbedConfig(batch_size=32))
+    sync_index(workdir, IndexConfig(shards=2))
+    report = evaluate(workdir, data[1], model_dir=model_dir, config=CONFIG, image_only_docs=True)
+    return workdir, report
+
+
+METRICS = ("recall@1", "recall@5", "recall@10", "map@r", "ndcg@10")
+
+
+def test_report_has_metrics_versions_and_counts(fused, data, model_dir):
+    workdir, report = fused
+    on_disk = json.loads(Path(workdir, "eval", "report.json").read_text())
+    assert on_disk["recall@1"] == report["recall@1"] and on_disk["n_queries"] == data[2]
+    assert report["validation"]["quarantined"] == 1 and report["n_documents"] == 100
+    for row in (report, report["exact"], *report["fusion_ablation"].values()):
+        if isinstance(row, dict):
+            assert all(0.0 <= row[m] <= 1.0 for m in METRICS), row
+    assert report["recall@1"] <= report["recall@5"] <= report["recall@10"]
+    assert 0.0 <= report["ann_vs_exact"]["recall@10"] <= 1.0
+    assert sum(c["queries"] for c in report["per_category"].values()) == data[2]
+    assert report["model_version"] == load_query_encoder(model_dir).model_version
+    assert report["doc_inputs"] == "image+text" and report["index_version"] == 1
+    assert set(report["timing_s"]) >= {"embed_queries_s", "ann_search_s", "total_s"}
+
+
+def test_ray_query_embedding_matches_in_process_search(fused, data, model_dir):
+    """Recall from the Ray Data actor pool equals recall from embedding in this process."""
+    workdir, report = fused
+    queries = pq.read_table(data[1]).slice(0, data[2])
+    encoder = load_query_encoder(model_dir)
+    images, texts = queries.column("image").to_pylist(), queries.column("text").to_pylist()
+    xq = encode_queries(encoder, images, [t or "" for t in texts])
+    index = SearchIndex.load(f"{workdir}/index", encoder.model_version)
+    _, found = index.search(normalize(xq), 10)
+    docs = index.documents
+    labels = dict(zip(docs["id"].to_pylist(), docs["label"].to_pylist(), strict=True))
+    hits = np.array([[labels.get(i) for i in row] for row in found], dtype=object)
+    want = recall_at(hits == np.array(queries["label"].to_pylist(), dtype=object)[:, None], (1, 10))
+    assert report["recall@1"] == pytest.approx(want["recall@1"])
+    assert report["recall@10"] == pytest.approx(want["recall@10"])
+
+
+def test_fused_side_of_the_ablation_is_the_exact_search(fused):
+    report = fused[1]
+    for m in METRICS:
+        assert report["fusion_ablation"]["fused"][m] == pytest.approx(report["exact"][m])
+
+
+def test_html_has_curves_and_an_inline_grid(fused):
+    page = Path(fused[0], "eval", "report.html").read_text()
+    assert "<svg" in page and "<polyline" in page and page.count('class="row"') == 5
+    assert page.count("data:image/png;base64,") >= 5 * 4  # at least the documents
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_image_only_embeddings_through_the_cli(fused, data, model_dir, tmp_path):
+    """embed --image-only -> index -> eval: the same numbers as the ablation's image-only side."""
+    workdir, runner = str(tmp_path), CliRunner()
+    out = runner.invoke(
+        app,
+        [
+            "embed",
+            "--catalog",
+            data[0],
+            "--workdir",
+            workdir,
+            "--model-dir",
+            model_dir,
+            "--image-only",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert read_summary(f"{workdir}/embed")["doc_inputs"] == "image"
+    sync_index(workdir, IndexConfig(shards=1))
+    args = ["eval", "--workdir", workdir, "--queries", data[1], "--model-dir", model_dir]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    report = json.loads(Path(workdir, "eval", "report.json").read_text())
+    assert report["doc_inputs"] == "image" and report["embeddings_version"].endswith("+image-only")
+    for m in METRICS:
+        assert report["exact"][m] == pytest.approx(fused[1]["fusion_ablation"]["image_only"][m])
+    refused = runner.invoke(app, [*args[:5], "--model-dir", str(tmp_path / "nowhere")])
+    assert refused.exit_code == 2 and "no exported model" in refused.output
