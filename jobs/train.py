@@ -22,6 +22,9 @@ def parse_args(argv=None):
     p.add_argument("--queries", default=None, help="training query photos (optional)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="YAML training config")
+    p.add_argument(
+        "--class-map", default=None, help="class map (default WORKDIR/govern/class_map.json)"
+    )
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
     p.add_argument("--max-minutes", type=float, default=None)
@@ -37,12 +40,19 @@ def main(args) -> None:
         max_minutes=args.max_minutes,
         use_gpu=args.use_gpu,
     )
-    result = fit(cfg, catalog=args.catalog, queries=args.queries, workdir=args.workdir)
+    result = fit(
+        cfg,
+        catalog=args.catalog,
+        queries=args.queries,
+        workdir=args.workdir,
+        class_map=args.class_map,
+    )
     print(
         json.dumps(
             {
                 "model_dir": result.model_dir,
                 "classes": result.num_classes,
+                "class_map_version": result.class_map_version,
                 "metrics": result.metrics,
                 "quarantined": result.quarantined,
             },

@@ -105,3 +105,11 @@ def augment_queries(batch: dict, *, augment: bool) -> dict:
     if augment:
         batch["image"] = _views(batch["image"], photo_view, np.random.default_rng())
     return batch
+
+
+def resample(batch: dict, *, weights: np.ndarray) -> dict:
+    """Per-epoch class resampling: each row is drawn Poisson(weight of its class) times (a
+    class's weight is its expected draws per document per epoch, from the sampling policy)."""
+    copies = np.random.default_rng().poisson(weights[batch["label"]])
+    rows = np.repeat(np.arange(len(copies)), copies)
+    return {k: v[rows] for k, v in batch.items()}

@@ -1,0 +1,45 @@
+"""Ray job: organise the catalog's classes (skew, noisy labels, merges, splits) into
+WORKDIR/govern/ (class_map.json, report.json, report.md) for the training job.
+
+    ray job submit --working-dir . -- python -m jobs.govern --catalog data/catalog.parquet \
+        --workdir W [--queries data/queries.parquet] [--model W/train/model] [--policy sqrt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from oclear_ray.govern import GovernConfig, govern, load_class_map, score_against_truth
+from oclear_ray.runtime import init_ray
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--queries", default=None, help="query set whose labels are checked")
+    p.add_argument("--model", default=None, help="exported model: add its doc embeddings")
+    p.add_argument("--policy", default="sqrt", help="sampling: none, sqrt or balanced")
+    p.add_argument("--cap", type=int, default=None, help="most draws of a class per epoch")
+    p.add_argument("--truth", default=None, help="oclear synth truth.json to score against")
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    config = GovernConfig(policy=args.policy, cap=args.cap)
+    result = govern(
+        args.catalog, args.workdir, config=config, model_dir=args.model, queries=args.queries
+    )
+    out = {"class_map": result.class_map_path, "version": result.version}
+    out.update({k: result.report[k] for k in ("labels", "classes", "relabelled", "dropped")})
+    if args.truth:
+        with open(args.truth) as f:
+            out["scores"] = score_against_truth(load_class_map(result.class_map_path), json.load(f))
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    init_ray()
+    main(parse_args())
