@@ -361,8 +361,9 @@ def find_merges(
 ) -> list[tuple[int, int, str, float]]:
     """Alias pairs ``(label, into, reason, similarity)``.
 
-    "main cluster owned": the label's main cluster is owned by another label (its documents
-    are a minority inside another label's thing). "same centre": the two labels' home centres
+    "main cluster owned": the label owns no cluster and its main cluster is owned by another
+    label whose home centre is at least ``alias_similarity`` alike (its documents are a
+    minority inside another label's thing). "same centre": the two labels' home centres
     (mean of their documents at home) are at least ``merge_similarity`` alike.
     """
     num_labels = len(owners.main)
@@ -429,10 +430,11 @@ def find_splits(
 # --------------------------------------------------------------------------- noise and the map
 
 
-def cluster_classes(owners: Owners, splits: dict[int, list[list[int]]]) -> tuple[np.ndarray, list]:
+def cluster_classes(
+    owners: Owners, splits: dict[int, list[list[int]]], num_classes: int
+) -> tuple[np.ndarray, list]:
     """Final class per cluster (its owner, or the owner's split part) and the parts made:
     ``[(class, part number)]`` indexed by final class id (part 0 keeps the class's place)."""
-    num_classes = int(owners.owner.max()) + 1 if len(owners.owner) else 0
     parts = [(k, 0) for k in range(num_classes)]
     final = owners.owner.copy()
     for k, groups in sorted(splits.items()):
@@ -481,7 +483,7 @@ def organise(x: np.ndarray, labels: list[str], cfg: GovernConfig) -> dict:
     classes = label_class[y]
     owners = resolve_owners(clusters, classes, int(label_class.max()) + 1, noise)
     splits = find_splits(x, clusters, classes, owners, cfg)
-    final, parts = cluster_classes(owners, splits)
+    final, parts = cluster_classes(owners, splits, int(label_class.max()) + 1)
     decision = decide_rows(clusters, classes, owners, final, cfg)
     return {
         "label_names": [str(n) for n in names],

@@ -62,6 +62,20 @@ def test_alias_is_merged_and_broad_label_split(organised):
     assert cm["num_classes"] == 10
 
 
+def test_every_class_id_is_in_range_even_under_heavy_noise():
+    x, thing = blobs([6] * 8, seed=1)
+    rng = np.random.default_rng(1)
+    labels = [f"L{t}" for t in thing]
+    for i in rng.choice(len(labels), 20, replace=False):
+        labels[i] = f"L{rng.integers(12)}"  # also labels that own nothing
+    doc_ids = [f"d{i}" for i in range(len(labels))]
+    cfg = g.GovernConfig(link=0.9, mutual_link=0.9)
+    cm = g.build_class_map(doc_ids, labels, g.organise(x, labels, cfg), cfg)
+    ids = [*cm["labels"].values(), *cm["doc_class"].values()]
+    assert min(ids) >= 0 and max(ids) < cm["num_classes"] == len(cm["classes"])
+    assert set(cm["labels"]) == set(labels)
+
+
 def test_class_map_is_versioned_and_edits_are_refused(organised, tmp_path):
     cm = organised[3]
     path = tmp_path / "class_map.json"
