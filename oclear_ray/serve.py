@@ -30,7 +30,6 @@ from oclear_ray.search import (
     load_documents,
     load_shard,
     lookup,
-    merge,
     read_manifest,
     search_parameters,
 )
@@ -247,11 +246,10 @@ class ShardSearcher:
         return self.index.search(xq, k, params=self._params(category))
 
 
-def merge_hits(documents: pa.Table, results, k: int, *, thumbnails=None) -> list[dict]:
-    """Per-shard ``(D, I)`` of one query -> its top-``k`` hits with metadata, best first."""
-    D, I = merge(results, k)
+def hits_of(documents: pa.Table, D: np.ndarray, I: np.ndarray, *, thumbnails=None) -> list[dict]:
+    """One query's merged ``(D, I)`` row -> its hits with metadata, best first."""
     hits = []
-    for rank, doc in enumerate(lookup(documents, D[:1], I[:1])[0], 1):
+    for rank, doc in enumerate(lookup(documents, D[None], I[None])[0], 1):
         hit = {"rank": rank, **{f: doc.get(f) for f in HIT_FIELDS}}
         if thumbnails is not None and thumbnails.has(doc["doc_id"]):
             hit["thumbnail_url"] = thumbnails.url(doc["doc_id"])

@@ -1,6 +1,7 @@
 """The HTTP API and search page of the serving app, independent of Ray: ``build_api(service)``
-returns a FastAPI app; ``SearchService`` holds the loaded state and calls the encoder and the
-shards through the async functions it is given (Serve deployment handles in ``serve.app``).
+returns a FastAPI app; ``SearchService`` holds the loaded state and answers a query through the
+async function it is given; ``search_batch`` answers a batch of queries with one encoder call and
+one call per shard (through Serve deployment handles in ``serve.app``).
 
 Every error is JSON ``{"error": message, "status": code}``; no bad request takes the app down.
 """
@@ -22,11 +23,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from oclear_ray.contract import Limits
+from oclear_ray.search import merge
 from oclear_ray.serve import (
     MAX_K,
     QueryError,
     decode_base64,
-    merge_hits,
+    hits_of,
     parse_category,
     parse_k,
     parse_text,
@@ -45,17 +47,39 @@ class Query:
     category: str | None
 
 
-Encode = Callable[[np.ndarray | None, str | None], Awaitable[np.ndarray]]
+Encode = Callable[[list[tuple[np.ndarray | None, str | None]]], Awaitable[np.ndarray]]
 Search = Callable[[np.ndarray, int, str | None], Awaitable[list]]
+Answer = Callable[[Query], Awaitable[tuple[np.ndarray, np.ndarray]]]
+
+
+async def search_batch(queries: list[Query], encode: Encode, search: Search) -> list:
+    """``(D, I)`` of each query: one encoder call for the batch, then per category filter one
+    call per shard (``search`` fans out) with the largest ``k`` asked, merged, cut to each ``k``.
+    """
+    vectors = await encode([(q.pixels, q.text) for q in queries])
+    groups: dict[str | None, list[int]] = {}
+    for i, query in enumerate(queries):
+        groups.setdefault(query.category, []).append(i)
+
+    async def group(category: str | None, rows: list[int]):
+        k = max(queries[i].k for i in rows)
+        D, I = merge(await search(vectors[rows], k, category), k)
+        return rows, D, I
+
+    out: list = [None] * len(queries)
+    for rows, D, I in await asyncio.gather(*(group(c, r) for c, r in groups.items())):
+        for j, i in enumerate(rows):
+            out[i] = (D[j, : queries[i].k], I[j, : queries[i].k])
+    return out
 
 
 class SearchService:
-    """What the routes need: limits, the encoder and the shard fan-out, and the loaded index
-    state (documents, thumbnails, shard info). Searches answer 503 until ``loaded``."""
+    """What the routes need: limits, ``answer`` (a query -> its merged ``(D, I)``), and the
+    loaded index state (documents, thumbnails, shard info). Searches answer 503 until
+    ``loaded``."""
 
-    def __init__(self, *, limits: Limits, image_size: int, encode: Encode, search: Search, info):
-        self.limits, self.image_size = limits, image_size
-        self.encode, self.search_shards = encode, search
+    def __init__(self, *, limits: Limits, image_size: int, answer: Answer, info):
+        self.limits, self.image_size, self.answer = limits, image_size, answer
         self.info = dict(info)
         self.state, self.error = "loading", None
         self.documents = self.thumbnails = None
@@ -76,21 +100,15 @@ class SearchService:
     async def search(self, query: Query) -> dict:
         self.require_ready()
         start = time.perf_counter()
-        vector = await self.encode(query.pixels, query.text)
-        encoded = time.perf_counter()
-        results = await self.search_shards(vector[None], query.k, query.category)
-        hits = merge_hits(self.documents, results, query.k, thumbnails=self.thumbnails)
-        done = time.perf_counter()
+        D, I = await self.answer(query)
+        hits = hits_of(self.documents, D, I, thumbnails=self.thumbnails)
         return {
             "model_version": self.info["model_version"],
             "index_version": self.info["index_version"],
             "k": query.k,
             "category": query.category,
             "results": hits,
-            "timing_ms": {
-                "encode": round(1000 * (encoded - start), 2),
-                "search": round(1000 * (done - encoded), 2),
-            },
+            "took_ms": round(1000 * (time.perf_counter() - start), 2),
         }
 
 

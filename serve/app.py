@@ -32,10 +32,17 @@ from oclear_ray.serve import (
     embedded_catalog,
     encode_queries,
 )
-from serve.api import SearchService, build_api
+from serve.api import Query, SearchService, build_api, search_batch
 
 log = logging.getLogger("ray.serve")
 DEAD_REPLICA = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def count_items(calls: list[list]) -> int:
+    """Batch size of the encoder: queries, not calls (an ingress sends its batch in one call)."""
+    return sum(len(c) for c in calls)
+
+
 _KINDS = {"str": str, "str | None": str, "int": int, "float": float}
 
 
@@ -94,7 +101,7 @@ class AppArgs:
     ray_actor_options={"num_cpus": 0.25},
 )
 class QueryEncoder:
-    """The exported query encoder; concurrent requests are batched into one model call."""
+    """The exported query encoder; concurrent calls are batched into one model call."""
 
     def __init__(self, model_dir: str, model_version: str, *, batch: dict, threads: int = 1):
         import torch
@@ -112,10 +119,13 @@ class QueryEncoder:
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode(self, items: list[tuple[np.ndarray | None, str | None]]) -> list[np.ndarray]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
+    async def encode(self, calls: list[list[tuple]]) -> list[np.ndarray]:
+        """Each call is a list of ``(pixels or None, text or None)``; returns [n, D] per call."""
+        items = [item for call in calls for item in call]
         self.batches = (self.batches + [len(items)])[-1000:]
-        return encode_queries(self.encoder, items)
+        vectors = np.stack(encode_queries(self.encoder, items))
+        return np.split(vectors, np.cumsum([len(c) for c in calls])[:-1])
 
     def batch_sizes(self) -> list[int]:
         """Sizes of the last batches run (for the bench and tests)."""
@@ -171,7 +181,9 @@ async def call(method, *args):
 class SearchIngress:
     """Decodes uploads, encodes, fans out to the shards, merges; serves the page and the API.
 
-    The documents table and the shards' info load in a thread: searches answer 503 until then.
+    Concurrent queries are batched here too (``answer``), so that a batch costs one encoder
+    call and one call per shard. The documents table and the shards' info load in a thread:
+    searches answer 503 until then.
     """
 
     def __init__(self, encoder, shards: list, args: dict, model: dict, index: dict):
@@ -187,12 +199,20 @@ class SearchIngress:
         self.service = SearchService(
             limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
             image_size=int(model["model"]["preprocess"]["image_size"]),
-            encode=lambda pixels, text: call(self.encoder.encode, (pixels, text)),
-            search=self.search,
+            answer=self.answer,
             info=info,
         )
+        self.answer.set_max_batch_size(self.args.max_batch_size)
+        self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.loader = threading.Thread(target=self._load, daemon=True)
         self.loader.start()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    async def answer(self, queries: list[Query]) -> list:
+        return await search_batch(queries, self.encode, self.search)
+
+    async def encode(self, items: list) -> np.ndarray:
+        return await call(self.encoder.encode, items)
 
     async def search(self, xq: np.ndarray, k: int, category: str | None):
         return await asyncio.gather(*(call(s.search, xq, k, category) for s in self.shards))

@@ -46,7 +46,7 @@ from oclear_ray.serve import (
 )
 from oclear_ray.synth import SynthConfig, generate
 from oclear_ray.text import train_tokenizer
-from serve.api import SearchService, build_api
+from serve.api import Query, SearchService, build_api, search_batch
 from tests.conftest import jpeg_bytes, png_bytes
 
 LIMITS = Limits(max_bytes=200_000, max_pixels=1_000_000)
@@ -189,21 +189,33 @@ def test_version_mismatch_refuses_to_start(work, tmp_path):
     assert result.exit_code == 2 and "version" in result.output
 
 
-def in_process_service(workdir: str, *, load: bool = True) -> SearchService:
-    """The API's service backed by the encoder and shard searchers in this process."""
+def local_backend(workdir: str):
+    """``(encode, search)`` for ``search_batch`` over the encoder and shards in this process."""
     paths = Paths.of(workdir)
-    model, index = check_versions(paths)
     encoder = load_query_encoder(paths.model_dir)
-    shards = [ShardSearcher(paths.index_dir, i, model["model_version"]) for i in range(2)]
+    version = encoder.model_version
+    shards = [ShardSearcher(paths.index_dir, i, version) for i in range(2)]
 
-    async def encode(pixels, text):
-        return encode_queries(encoder, [(pixels, text)])[0]
+    async def encode(items):
+        return np.stack(encode_queries(encoder, items))
 
     async def search(xq, k, category):
         return [s.search(xq, k, category) for s in shards]
 
+    return encode, search, shards
+
+
+def in_process_service(workdir: str, *, load: bool = True) -> SearchService:
+    """The API's service backed by the encoder and shard searchers in this process."""
+    paths = Paths.of(workdir)
+    model, index = check_versions(paths)
+    encode, search, shards = local_backend(workdir)
+
+    async def answer(query):
+        return (await search_batch([query], encode, search))[0]
+
     info = {"model_version": model["model_version"], "index_version": index["version"]}
-    service = SearchService(limits=LIMITS, image_size=32, encode=encode, search=search, info=info)
+    service = SearchService(limits=LIMITS, image_size=32, answer=answer, info=info)
     if load:
         docs = load_documents(paths.index_dir, index)
         service.loaded(docs, Thumbnails(docs, embedded_catalog(workdir)), [s.info for s in shards])
@@ -222,6 +234,54 @@ def test_api_answers_503_while_loading_then_searches(work):
     assert client.get("/v1/health").json() == {"status": "ready"}
     response = client.post("/v1/search", files={"image": ("q.png", image, "image/png")})
     assert response.status_code == 200 and len(response.json()["results"]) == 10
+
+
+def test_search_batch_answers_each_query_as_if_alone(work):
+    import asyncio
+
+    workdir, catalog = work
+    service = in_process_service(workdir)
+    images = [query_pixels(b, LIMITS, 32) for b in catalog["image"].to_pylist()[:4]]
+    prefix = catalog["category"][0].as_py().split("/")[0]
+    queries = [
+        Query(images[0], None, 3, None),
+        Query(None, "blue", 7, prefix),
+        Query(images[1], "red", 5, None),
+        Query(images[2], None, 10, prefix),
+        Query(images[3], None, 1, None),
+    ]
+    encode, search, _ = local_backend(workdir)
+    calls = []
+
+    async def counted(items):
+        calls.append(len(items))
+        return await encode(items)
+
+    together = asyncio.run(search_batch(queries, counted, search))
+    alone = [asyncio.run(service.answer(q)) for q in queries]
+    assert calls == [len(queries)]  # one encoder call for the batch
+    for ((D, I), (D1, I1)), q in zip(zip(together, alone, strict=True), queries, strict=True):
+        assert len(I) == q.k
+        np.testing.assert_array_equal(I, I1)
+        np.testing.assert_allclose(D, D1, atol=1e-5)
+
+
+def test_config_yaml_deploys_the_app_builder_with_its_deployments(work):
+    import yaml
+    from ray.serve._private.build_app import build_app as build_graph
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    path = os.path.join(os.path.dirname(__file__), "..", "serve", "config.yaml")
+    with open(path) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (application,) = config.applications
+    assert application.import_path == "serve.app:build_app"
+    graph = build_graph(build_app({**application.args, "workdir": work[0]}), name="oclear")
+    names = {d.name for d in graph.deployments}
+    assert {d.name for d in application.deployments} <= names
+    assert names == {"SearchIngress", "QueryEncoder", "IndexShard0", "IndexShard1"}
 
 
 # ---- on Ray Serve -----------------------------------------------------------------------------
