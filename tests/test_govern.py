@@ -148,6 +148,30 @@ def test_text_features_ignore_order_and_case_but_see_the_mark():
     assert not t[3].any()
 
 
+def test_content_features_and_an_optional_model_block():
+    from tests.conftest import png_bytes
+
+    batch = pa.table(
+        {
+            "doc_id": ["a", "b", "c"],
+            "image": [png_bytes((200, 30, 30)), png_bytes((30, 30, 200)), None],
+            "text": ["red mug", "blue mug", ""],
+            "label": ["x", "y", "x"],
+        }
+    )
+    table = g.ContentFeatures(text_dim=64, thumb=4)(batch)
+    assert table.column("doc_id").to_pylist() == ["a", "b", "c"]
+    assert g.column_matrix(table, "thumb").shape == (3, 48)
+    assert not g.column_matrix(table, "colour")[2].any()  # no image: zeros
+    cfg = g.GovernConfig(text_dim=64, thumb=4)
+    plain = g.features(table, cfg)
+    with_model = g.features(table, cfg, model=np.eye(3, dtype=np.float32))
+    assert with_model.shape[1] == plain.shape[1] + 3
+    assert np.allclose(np.linalg.norm(with_model, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        g.combine([(plain, 0.0)])
+
+
 def test_impute_missing_takes_the_nearest_neighbours_block():
     text = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32)
     image = g.l2_normalise(np.array([[1.0, 0.1], [0.1, 1.0], [0.2, 1.0]]))
