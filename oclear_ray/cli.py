@@ -210,6 +210,9 @@ def embed(
     use_gpu: bool | None = typer.Option(
         None, "--use-gpu/--no-gpu", help="One GPU per actor; default: when the cluster has GPUs."
     ),
+    image_only: bool = typer.Option(
+        False, "--image-only", help="Embed documents from their image alone (fusion ablation)."
+    ),
     address: RayAddress = None,
 ):
     """Embed a catalog with the document encoder into WORKDIR/embed; a rerun resumes."""
@@ -225,6 +228,7 @@ def embed(
             threads_per_actor=threads_per_actor,
             use_gpu=use_gpu,
             rows_per_part=rows_per_part,
+            image_only=image_only,
         )
         init_ray(address)
         with progress_bar("embed") as advance:
@@ -278,6 +282,59 @@ def index(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print_json(json.dumps(result.to_dict()))
+
+
+@app.command(name="eval")
+def eval_(
+    workdir: str = typer.Option(..., help="Work directory (report goes to WORKDIR/eval)."),
+    queries: str = typer.Option(..., help="Labelled queries (parquet, manifest or webdataset)."),
+    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    catalog: str | None = typer.Option(None, help="Catalog for thumbnails; default: as embedded."),
+    format: str | None = typer.Option(None, help="Format of the queries; default: guess."),
+    image_only_docs: bool = typer.Option(
+        False, "--image-only-docs", help="Also measure image-only vs fused documents (exact)."
+    ),
+    actors: int = typer.Option(1, help="Query-encoder actors."),
+    cpus_per_actor: float = typer.Option(0.5, help="Ray CPUs per actor (may be fractional)."),
+    threads_per_actor: int = typer.Option(2, help="Torch threads per actor."),
+    grid_queries: int = typer.Option(24, help="Queries shown with their top documents."),
+    address: RayAddress = None,
+):
+    """Embed labelled queries, search the index; write WORKDIR/eval/report.json and .html."""
+    from oclear_ray.embed import EmbedConfig
+    from oclear_ray.evaluate import EvalConfig, evaluate
+    from oclear_ray.runtime import init_ray
+    from oclear_ray.search import IndexRefused
+
+    try:
+        pool = EmbedConfig(
+            actors=actors, cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor
+        )
+        init_ray(address)
+        with console.status("eval"):
+            report = evaluate(
+                workdir,
+                queries,
+                model_dir=model_dir,
+                config=EvalConfig(pool=pool, grid_queries=grid_queries),
+                format=format,
+                catalog=catalog,
+                image_only_docs=image_only_docs,
+            )
+    except (IndexRefused, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    table = Table(title=f"{report['n_queries']} queries, {report['n_documents']} documents")
+    for column in ("search", "recall@1", "recall@5", "recall@10", "map@r", "ndcg@10"):
+        table.add_column(column, justify="left" if column == "search" else "right")
+    rows = {"ANN": report, "exact": report["exact"], **report.get("fusion_ablation", {})}
+    for name, row in rows.items():
+        if isinstance(row, dict):
+            cells = (row[c] for c in ("recall@1", "recall@5", "recall@10", "map@r", "ndcg@10"))
+            table.add_row(name, *(f"{v:.4f}" for v in cells))
+    Console().print(table)
+    console.print(f"ANN vs exact recall@10: {report['ann_vs_exact']['recall@10']:.4f}")
+    console.print(f"report: {os.path.join(workdir, 'eval', 'report.html')}")
 
 
 @app.command()
@@ -348,6 +405,132 @@ def serve(
             time.sleep(3600)
     except KeyboardInterrupt:
         ray_serve.shutdown()
+
+
+@app.command()
+def pipeline(
+    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    workdir: str = typer.Option(..., help="Work directory for every stage's artifacts."),
+    queries: str | None = typer.Option(None, help="Training query photos."),
+    eval_queries: str | None = typer.Option(None, help="Labelled queries to evaluate on."),
+    config: str | None = typer.Option(None, help="YAML training config."),
+    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    steps: int | None = typer.Option(None, help="Scale the training schedule to this many steps."),
+    max_minutes: float | None = typer.Option(None, help="Training wall-time budget."),
+    use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
+    govern: bool = typer.Option(True, "--govern/--no-govern", help="Organise classes first."),
+    fusion_ablation: bool = typer.Option(
+        False, "--fusion-ablation", help="Also evaluate image-only document embeddings."
+    ),
+    address: RayAddress = None,
+):
+    """govern -> train -> embed -> index -> evaluate, skipping every stage that is current."""
+    from oclear_ray.config import train_config
+    from oclear_ray.contract import SchemaError
+    from oclear_ray.pipeline import PipelineConfig, run_pipeline
+    from oclear_ray.runtime import init_ray
+
+    cfg = PipelineConfig(
+        catalog=catalog,
+        workdir=workdir,
+        queries=queries,
+        eval_queries=eval_queries,
+        train=train_config(
+            config, workers=workers, steps=steps, max_minutes=max_minutes, use_gpu=use_gpu
+        ),
+        fusion_ablation=fusion_ablation,
+    )
+    if not govern:
+        cfg.govern = None
+    init_ray(address)
+    try:
+        results = run_pipeline(cfg, log=_log_stage)
+    except (SchemaError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print_stages(results)
+
+
+@app.command()
+def demo(
+    workdir: str = typer.Option("runs/demo", help="Work directory (data in WORKDIR/data)."),
+    docs: int = typer.Option(1500, help="Synthetic documents."),
+    classes: int = typer.Option(200, help="Synthetic classes."),
+    steps: int = typer.Option(300, help="Training steps."),
+    config: str | None = typer.Option(None, help="YAML training config."),
+    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    host: str = typer.Option("127.0.0.1", help="HTTP host of the search page."),
+    port: int = typer.Option(8000, help="HTTP port of the search page."),
+    once: bool = typer.Option(False, "--once", help="Stop after the first search answers."),
+):
+    """Synthesize a small catalog, run the whole pipeline on it, serve the search page and
+    search it once with a held-out query photo."""
+    import time
+
+    from oclear_ray.config import train_config
+    from oclear_ray.demo import ensure_data, first_query, search_over_http, wait_ready
+    from oclear_ray.pipeline import PipelineConfig, run_pipeline
+    from oclear_ray.runtime import init_ray
+
+    data = ensure_data(workdir, docs=docs, classes=classes)
+    cfg = PipelineConfig(
+        catalog=data["catalog"],
+        workdir=workdir,
+        queries=data["queries"],
+        eval_queries=data["eval_queries"],
+        train=train_config(config, workers=workers, steps=steps),
+    )
+    init_ray()
+    _print_stages(run_pipeline(cfg, log=_log_stage))
+    url = _start_app(workdir, None, host, port)
+    wait_ready(url)
+    query = first_query(data["eval_queries"])
+    hits = search_over_http(url, query["image"], k=5)
+    _print_hits(f"query {query['query_id']} (label {query['label']})", hits)
+    console.print(f"search page: {url}/  (API: {url}/v1/search, {url}/v1/info)")
+    if once:
+        _stop_app()
+        return
+    console.print("serving until Ctrl-C")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _stop_app()
+
+
+def _start_app(workdir: str, model_dir: str | None, host: str, port: int, **args) -> str:
+    """Run the Serve app of WORKDIR on the current Ray; its base URL."""
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    ray_serve.start(http_options={"host": host, "port": port})
+    application = build_app({"workdir": workdir, "model_dir": model_dir, **args})
+    ray_serve.run(application, name="oclear", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def _stop_app() -> None:
+    from ray import serve as ray_serve
+
+    ray_serve.shutdown()
+
+
+def _log_stage(stage: str, status: str, info: dict) -> None:
+    if status == "running":
+        console.print(f"[bold]{stage}[/bold]: running")
+    else:
+        console.print(f"[bold]{stage}[/bold]: {status} {json.dumps(info)}")
+
+
+def _print_stages(results: dict) -> None:
+    table = Table(title="pipeline")
+    for column in ("stage", "status", "seconds", "output"):
+        table.add_column(column)
+    for r in results.values():
+        table.add_row(r.stage, r.status, f"{r.seconds:.1f}", json.dumps(r.output))
+    console.print(table)
 
 
 def _print_hits(name: str, hits: list[dict]) -> None:

@@ -164,21 +164,29 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(s.steps for s in self.schedule)
 
-    def stage_at(self, step: int) -> StageConfig:
-        """The stage that step ``step`` (0-based) belongs to."""
+    def progress(self, step: int, time_fraction: float = 0.0) -> float:
+        """How far the run is, in [0, 1]: by steps, or by wall time when a budget is set and
+        time runs out first (so a ``--max-minutes`` run still goes through every stage and
+        ends with a decayed learning rate)."""
+        return min(1.0, max(step / self.total_steps, time_fraction))
+
+    def stage_at(self, progress: float) -> StageConfig:
+        """The stage a run at ``progress`` is in (each stage owns its share of the steps)."""
+        done = 0
         for stage in self.schedule:
-            if step < stage.steps:
+            done += stage.steps
+            if progress < done / self.total_steps:
                 return stage
-            step -= stage.steps
         return self.schedule[-1]
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up then cosine decay to 5 %."""
+    def lr_factor(self, step: int, progress: float) -> float:
+        """Linear warm-up over the first steps, then cosine decay to 5 % at the end of the run."""
         warm = self.optim.warmup_steps
         if step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(1, self.total_steps - warm)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        start = warm / self.total_steps
+        rest = (progress - start) / max(1e-9, 1.0 - start)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, rest))))
 
     def with_total_steps(self, steps: int) -> TrainConfig:
         """The same schedule scaled to ``steps`` in all (each stage keeps its share, >= 1)."""

@@ -384,21 +384,23 @@ class RetrievalModel(nn.Module):
         query_images: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: (document embeddings, query-photo embeddings).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Training pass: (image-only document embeddings, fused document embeddings or None
+        without ``input_ids``, query-photo embeddings).
 
         One backbone pass over documents and query photos together, so that batch-norm
         statistics mix both domains as the running statistics used at inference do; then each
-        side's head, documents fused with their text when ``input_ids`` are given.
+        side's head.
         """
         n = doc_images.shape[0]
         image = self.image_encoder(torch.cat([doc_images, query_images]))
         docs = ImageStates(image.pooled[:n], image.tokens[:n])
         doc = F.normalize(self.doc_image_head(docs.pooled), dim=-1)
+        fused = None
         if input_ids is not None:
-            doc, _ = self.fusion(doc, docs, self._text(input_ids, attention_mask))
+            fused, _ = self.fusion(doc, docs, self._text(input_ids, attention_mask))
         query = F.normalize(self.query_image_head(image.pooled[n:]), dim=-1)
-        return doc, query
+        return doc, fused, query
 
     def _require(self, part: str) -> None:
         if part not in self.parts:

@@ -155,15 +155,15 @@ def from_row_sharded(value: torch.Tensor, num_rows: int, start: int, stop: int) 
     return local
 
 
-def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop at one step)."""
+def max_over_ranks(value: float, group: ProcessGroup | None = None) -> float:
+    """The largest of every rank's ``value`` (the same float on every rank)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return bool(flag)
+        return float(value)
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item())
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return float(tensor.item())
 
 
 def apply_fsdp(model: torch.nn.Module, units: list[torch.nn.Module], methods=()) -> None:

@@ -83,19 +83,23 @@ def _make_batch(docs: dict, queries: dict | None, pre, device) -> Batch:
 
 
 def train_step(model, head, batch: Batch, *, towers: str) -> torch.Tensor:
-    """Embed documents and query views; one margin softmax over both (they share centres).
+    """Embed documents and query views; one margin softmax over all of them (they share the
+    class centres).
 
-    ``towers="image"`` (alignment stage) leaves the text out; ``"all"`` fuses the document text
-    and also trains the text query head on the documents' own titles.
+    ``towers="image"`` (alignment stage) leaves the text out; ``"all"`` adds the documents fused
+    with their text, and trains the text query head on the documents' own titles. The image-only
+    document embedding stays in the loss in both, so documents without text, and the image
+    tower under the fusion, stay aligned.
     """
     use_text = towers == "all"
     ids, mask = (batch.doc_ids, batch.doc_mask) if use_text else (None, None)
-    doc, query = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
+    doc, fused, query = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
     embs, labels = [doc, query], [batch.doc_labels, batch.query_labels]
     has_text = batch.doc_mask.bool().any(1)
     if use_text and has_text.any():
-        embs.append(model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text]))
-        labels.append(batch.doc_labels[has_text])
+        embs += [fused[has_text]]
+        embs += [model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text])]
+        labels += [batch.doc_labels[has_text]] * 2
     return head(torch.cat(embs), torch.cat(labels))
 
 
@@ -195,8 +199,8 @@ def _init_state(optim) -> None:
         group["lr"] = lr
 
 
-def _set_lr(cfg: TrainConfig, step: int, optim, head_optim) -> None:
-    f = cfg.lr_factor(step)
+def _set_lr(cfg: TrainConfig, step: int, progress: float, optim, head_optim) -> None:
+    f = cfg.lr_factor(step, progress)
     for group in optim.param_groups:
         group["lr"] = cfg.optim.lr * f
     for group in head_optim.param_groups:
@@ -209,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    started = time.monotonic()
+    started = time.time()
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = ray.train.torch.get_device()
@@ -221,16 +225,19 @@ def train_loop_per_worker(config: dict) -> None:
     docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs")
     shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
     queries = _forever(shard, cfg.data.query_batch_size, "queries") if shard else None
-    deadline = started + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
+    budget = _time_budget(started, config.get("deadline"))
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16")
-    clock = {"wait": 0.0, "total": 0.0, "samples": 0}
+    clock = {"wait": 0.0, "total": 0.0, "samples": 0, "run_wait": 0.0, "run_total": 0.0}
     while step < cfg.total_steps:
         t0 = time.monotonic()
         batch = _make_batch(next(docs), next(queries) if queries else None, pre, device)
         t1 = time.monotonic()
-        _set_lr(cfg, step, optim, head_optim)
+        elapsed = (time.time() - started) / budget if budget else 0.0
+        progress = cfg.progress(step, parallel.max_over_ranks(elapsed))
+        stage = cfg.stage_at(progress)
+        _set_lr(cfg, step, progress, optim, head_optim)
         with autocast:
-            loss = train_step(model, head, batch, towers=cfg.stage_at(step).towers)
+            loss = train_step(model, head, batch, towers=stage.towers)
         loss.backward()
         optim.step(), head_optim.step()
         optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
@@ -238,10 +245,10 @@ def train_loop_per_worker(config: dict) -> None:
         clock["wait"] += t1 - t0
         clock["total"] += time.monotonic() - t0
         clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
-        out_of_time = parallel.any_rank(deadline is not None and time.monotonic() > deadline)
+        out_of_time = progress >= 1.0 and step < cfg.total_steps
         done = step >= cfg.total_steps or out_of_time
         if step % cfg.run.log_every == 0 or done or step % cfg.run.checkpoint_every == 0:
-            metrics = _metrics(step, loss, cfg, clock, head.world_size)
+            metrics = _metrics(step, stage.name, loss, clock, head.world_size)
             metrics["resumed_from"] = resumed_from
             if step % cfg.run.checkpoint_every == 0 or done:
                 _save(step, model, optim, head, head_optim, metrics)
@@ -261,14 +268,27 @@ def train_loop_per_worker(config: dict) -> None:
     _export(model, cfg, config)
 
 
-def _metrics(step, loss, cfg, clock, world) -> dict:
+def _time_budget(started: float, deadline: float | None) -> float | None:
+    """Seconds this worker may train before the run's deadline, keeping a margin to checkpoint
+    and export (10 % of the time left, at most 30 s)."""
+    if deadline is None:
+        return None
+    left = deadline - started
+    return max(1.0, left - min(30.0, 0.1 * left))
+
+
+def _metrics(step, stage: str, loss, clock, world) -> dict:
+    """Loss, throughput and the data-wait fraction since the last report, and over the run."""
     total = max(clock["total"], 1e-9)
+    clock["run_wait"] += clock["wait"]
+    clock["run_total"] += clock["total"]
     metrics = {
         "step": step,
-        "stage": cfg.stage_at(step - 1).name,
+        "stage": stage,
         "loss": float(loss.detach()),
         "samples_per_s": clock["samples"] * world / total,
         "data_wait": clock["wait"] / total,
+        "run_data_wait": clock["run_wait"] / max(clock["run_total"], 1e-9),
     }
     clock.update(wait=0.0, total=0.0, samples=0)
     return metrics
@@ -388,6 +408,7 @@ def fit(
     from oclear_ray.govern import find_class_map
     from oclear_ray.text import train_tokenizer
 
+    deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
     q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
     class_map = find_class_map(class_map, workdir) or build_class_map(
@@ -417,6 +438,7 @@ def fit(
             "has_queries": q_ds is not None,
             "tokenizer_path": tokenizer_path,
             "model_dir": model_dir,
+            "deadline": deadline,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.workers,
@@ -446,7 +468,6 @@ def fit(
         quarantined,
         class_map_version=class_map["version"],
     )
-
 
 
 def _abs(path: str) -> str:

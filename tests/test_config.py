@@ -25,15 +25,27 @@ def test_overrides_and_step_scaling():
     cfg = train_config(None, workers=3, steps=50, max_minutes=2.5)
     assert (cfg.run.workers, cfg.run.max_minutes) == (3, 2.5)
     assert [s.steps for s in cfg.schedule] == [10, 40]
-    assert cfg.stage_at(9).name == "align" and cfg.stage_at(10).name == "fuse"
+    stages = [cfg.stage_at(cfg.progress(s)).name for s in range(cfg.total_steps)]
+    assert stages == ["align"] * 10 + ["fuse"] * 40
 
 
 def test_lr_schedule_warms_up_and_decays():
     cfg = TrainConfig()
-    f = [cfg.lr_factor(s) for s in range(cfg.total_steps)]
+    f = [cfg.lr_factor(s, cfg.progress(s)) for s in range(cfg.total_steps)]
     assert f[0] == pytest.approx(1 / cfg.optim.warmup_steps)
     assert max(f) == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_a_time_budget_moves_the_schedule_on():
+    """Out of time at a quarter of the steps, the run is at its last stage with lr decayed."""
+    cfg = train_config(None, steps=50)
+    assert cfg.progress(12) == pytest.approx(0.24)
+    assert cfg.progress(12, time_fraction=0.99) == pytest.approx(0.99)
+    assert cfg.progress(12, time_fraction=2.0) == 1.0
+    assert cfg.stage_at(cfg.progress(3, 0.5)).name == "fuse"
+    assert cfg.lr_factor(40, 1.0) == pytest.approx(0.05)
+    assert cfg.lr_factor(40, 0.5) < cfg.lr_factor(40, 0.4)
 
 
 @pytest.mark.parametrize(

@@ -236,6 +236,8 @@ def test_config_round_trips_through_plain_dicts():
 @torch.no_grad()
 def test_encode_pair_matches_the_encode_methods(model, batch):
     images, ids, mask = batch
-    doc, query = model.encode_pair(images, images.flip(0), ids, mask)
-    torch.testing.assert_close(doc, model.encode_doc(images, ids, mask), atol=1e-6, rtol=0)
+    doc, fused, query = model.encode_pair(images, images.flip(0), ids, mask)
+    torch.testing.assert_close(doc, model.encode_doc(images), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused, model.encode_doc(images, ids, mask), atol=1e-6, rtol=0)
+    assert model.encode_pair(images, images, None, None)[1] is None
     torch.testing.assert_close(query, model.encode_query(images.flip(0)), atol=1e-6, rtol=0)

@@ -1,0 +1,63 @@
+"""Ray job: govern -> train -> embed -> index -> evaluate, skipping every stage that is current.
+
+    ray job submit --working-dir . -- python -m jobs.pipeline --catalog s3://bucket/catalog \
+        --queries s3://bucket/queries --eval-queries s3://bucket/eval --workdir s3://bucket/run
+
+Rerunning it resumes: finished stages are skipped, an interrupted training resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from oclear_ray.config import train_config
+from oclear_ray.pipeline import PipelineConfig, run_pipeline
+from oclear_ray.runtime import init_ray
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--queries", default=None, help="training query photos (optional)")
+    p.add_argument("--eval-queries", default=None, help="labelled queries to evaluate on")
+    p.add_argument("--config", default=None, help="YAML training config")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="training wall-time budget")
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--no-govern", action="store_true", help="train on the raw labels")
+    p.add_argument("--fusion-ablation", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(args) -> None:
+    cfg = PipelineConfig(
+        catalog=args.catalog,
+        workdir=args.workdir,
+        queries=args.queries,
+        eval_queries=args.eval_queries,
+        train=train_config(
+            args.config,
+            workers=args.workers,
+            steps=args.steps,
+            max_minutes=args.max_minutes,
+            use_gpu=args.use_gpu,
+        ),
+        fusion_ablation=args.fusion_ablation,
+    )
+    if args.no_govern:
+        cfg.govern = None
+
+    def log(stage, status, info):
+        print(f"[oclear pipeline] {stage}: {status} {json.dumps(info)}", flush=True)
+
+    results = run_pipeline(cfg, log=log)
+    print(json.dumps({k: vars(v) for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    init_ray()
+    main(parse_args())

@@ -1,0 +1,54 @@
+"""The pipeline's skip logic without Ray: input fingerprints and stage stamps."""
+
+import os
+
+import pytest
+
+from oclear_ray.pipeline import PipelineConfig, _run_stage, fingerprint, key_of, read_stamp
+
+
+def test_fingerprint_follows_file_changes(tmp_path):
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(b"one")
+    first = fingerprint(str(folder))
+    assert fingerprint(str(folder)) == first
+    (folder / "b.parquet").write_bytes(b"two")
+    second = fingerprint(str(folder))
+    assert second != first
+    os.utime(folder / "a.parquet", ns=(1, 1))
+    assert fingerprint(str(folder)) not in (first, second)
+    assert fingerprint(None) is None
+    with pytest.raises(FileNotFoundError, match="no such input"):
+        fingerprint(str(tmp_path / "missing.parquet"))
+
+
+def test_key_ignores_dict_order():
+    assert key_of({"a": 1, "b": [1, 2]}) == key_of({"b": [1, 2], "a": 1})
+    assert key_of({"a": 1}) != key_of({"a": 2})
+
+
+def test_a_stage_runs_once_per_inputs_and_again_when_its_artifact_is_gone(tmp_path):
+    cfg = PipelineConfig(catalog="unused", workdir=str(tmp_path))
+    artifact = tmp_path / "out.txt"
+    calls, seen = [], []
+
+    def run():
+        calls.append(1)
+        artifact.write_text("made")
+        return {"made": len(calls)}
+
+    def log(stage, status, info):
+        seen.append(status)
+
+    first = _run_stage(cfg, "stage", {"x": 1}, str(artifact), run, log)
+    again = _run_stage(cfg, "stage", {"x": 1}, str(artifact), run, log)
+    assert (first.status, again.status, len(calls)) == ("ran", "current", 1)
+    assert again.output == {"made": 1} and again.key == first.key
+    assert read_stamp(str(tmp_path), "stage")["inputs"] == {"x": 1}
+    changed = _run_stage(cfg, "stage", {"x": 2}, str(artifact), run, log)
+    assert (changed.status, changed.output) == ("ran", {"made": 2})
+    artifact.unlink()
+    gone = _run_stage(cfg, "stage", {"x": 2}, str(artifact), run, log)
+    assert (gone.status, len(calls)) == ("ran", 3)
+    assert seen == ["running", "done", "current", "running", "done", "running", "done"]
