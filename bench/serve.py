@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--ingress-replicas", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -146,16 +147,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(workdir: str, max_batch_size: int, url: str) -> None:
+def deploy(workdir: str, max_batch_size: int, url: str, ingress_replicas: int) -> None:
     import httpx
     from ray import serve
 
     from serve.app import build_app
 
     serve.run(
-        build_app({"workdir": workdir, "max_batch_size": max_batch_size}),
+        build_app(
+            {
+                "workdir": workdir,
+                "max_batch_size": max_batch_size,
+                "ingress_replicas": ingress_replicas,
+            }
+        ),
         name="oclear",
         route_prefix="/",
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
     deadline = time.time() + 120
     while httpx.get(url + "/v1/health", timeout=10).status_code != 200:
@@ -238,9 +246,12 @@ def main(args) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {}
     for name, batch in (("unbatched", 1), ("batched", args.batch_size)):
-        deploy(workdir, batch, url)
+        deploy(workdir, batch, url, args.ingress_replicas)
         print(f"{name} (max_batch_size {batch}):", flush=True)
         results[name] = sweep(url, images, args)
+        handle = serve.get_deployment_handle("QueryEncoder", app_name="oclear")
+        sizes = handle.batch_sizes.remote().result()
+        print(f"  encoder batches: mean {np.mean(sizes):.1f}, max {max(sizes)} queries")
         if name == "batched":
             peak = max(r["qps"] for r in results[name])
             n, errors, lat = asyncio.run(open_loop(url, images, peak / 2, args.duration, args.k))

@@ -209,6 +209,10 @@ def build_api(service: SearchService) -> FastAPI:
     async def _http_error(_, exc: HTTPException):
         return error(exc.status_code, str(exc.detail))
 
+    @api.exception_handler(Exception)
+    async def _internal_error(_, exc: Exception):
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @api.get("/", response_class=HTMLResponse)
     async def index_page():
         return HTMLResponse(page)
@@ -227,7 +231,7 @@ def build_api(service: SearchService) -> FastAPI:
     @api.post("/v1/search")
     async def search(request: Request):
         service.require_ready()
-        return await service.search(await parse_query(request, service))
+        return JSONResponse(await service.search(await parse_query(request, service)))
 
     @api.get("/v1/thumbnail")
     async def thumbnail(doc_id: str):

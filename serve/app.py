@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from dataclasses import dataclass, fields
 
@@ -50,12 +49,13 @@ _KINDS = {"str": str, "str | None": str, "int": int, "float": float}
 class AppArgs:
     """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``)."""
 
-    workdir: str = os.environ.get("OCLEAR_WORKDIR", "work")
+    workdir: str = "work"
     model_dir: str | None = None
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     torch_threads: int = 1
     shard_replicas: int = 1
+    ingress_replicas: int = 1
     encoder_cpus: float = 0.25
     shard_cpus: float = 0.1
     ingress_cpus: float = 0.25
@@ -63,7 +63,8 @@ class AppArgs:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        for name in ("max_batch_size", "torch_threads", "shard_replicas", "max_bytes"):
+        counts = ("max_batch_size", "torch_threads", "shard_replicas", "ingress_replicas")
+        for name in (*counts, "max_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_timeout_s < 0:
@@ -173,6 +174,7 @@ async def call(method, *args):
 
 
 @serve.deployment(
+    max_ongoing_requests=256,  # Serve's default (5) would cap the batches the ingress can form
     health_check_period_s=10,
     health_check_timeout_s=30,
     ray_actor_options={"num_cpus": 0.25},
@@ -267,7 +269,10 @@ def build_app(args: dict):
         ).bind(paths.index_dir, i, version)
         for i in range(len(index["shards"]))
     ]
-    ingress = SearchIngress.options(ray_actor_options={"num_cpus": app_args.ingress_cpus})
+    ingress = SearchIngress.options(
+        num_replicas=app_args.ingress_replicas,
+        ray_actor_options={"num_cpus": app_args.ingress_cpus},
+    )
     return ingress.bind(encoder, shards, vars(app_args), _small(model), _small(index))
 
 

@@ -452,6 +452,7 @@ def test_page_in_headless_chromium_shows_result_tiles(server, work, tmp_path):
 @pytest.mark.ray
 def test_killing_a_shard_replica_under_load_loses_at_most_one_percent(server, work):
     import ray
+    from ray import serve
 
     image = work[1]["image"][11].as_py()
     outcomes, stop = [], threading.Event()
@@ -484,3 +485,5 @@ def test_killing_a_shard_replica_under_load_loses_at_most_one_percent(server, wo
     assert len(outcomes) > 50
     assert failed / len(outcomes) <= 0.01, f"{failed} of {len(outcomes)} failed"
     assert search_image(server, image).status_code == 200
+    encoder = serve.get_deployment_handle("QueryEncoder", app_name="oclear")
+    assert max(encoder.batch_sizes.remote().result()) > 1  # concurrent queries were batched
