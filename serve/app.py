@@ -119,6 +119,9 @@ class QueryEncoder:
         self.encode.set_max_batch_size(batch["max_batch_size"])
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
+        # one call before taking traffic: the first forward pass is several times slower
+        size = self.encoder.preprocess.image_size
+        encode_queries(self.encoder, [(np.full((size, size, 3), 255, np.uint8), "warm up")])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def encode(self, calls: list[list[tuple]]) -> list[np.ndarray]:
