@@ -387,24 +387,14 @@ def serve(
     except (VersionMismatch, IndexRefused, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    import time
-
-    from ray import serve as ray_serve
-
     from oclear_ray.runtime import init_ray
-    from serve.app import build_app
 
     init_ray(address)
-    ray_serve.start(http_options={"host": host, "port": port})
-    args = {"workdir": workdir, "model_dir": model_dir, "shard_replicas": shard_replicas}
-    application = build_app({**args, "max_batch_size": max_batch_size})
-    ray_serve.run(application, name="oclear", route_prefix="/")
-    console.print(f"serving on http://{host}:{port}/ (Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ray_serve.shutdown()
+    url = _start_app(
+        workdir, model_dir, host, port, shard_replicas=shard_replicas, max_batch_size=max_batch_size
+    )
+    console.print(f"serving on {url}/ (Ctrl-C to stop)")
+    _serve_forever()
 
 
 @app.command()
@@ -465,8 +455,6 @@ def demo(
 ):
     """Synthesize a small catalog, run the whole pipeline on it, serve the search page and
     search it once with a held-out query photo."""
-    import time
-
     from oclear_ray.config import train_config
     from oclear_ray.demo import ensure_data, first_query, search_over_http, wait_ready
     from oclear_ray.pipeline import PipelineConfig, run_pipeline
@@ -492,11 +480,7 @@ def demo(
         _stop_app()
         return
     console.print("serving until Ctrl-C")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        _stop_app()
+    _serve_forever()
 
 
 def _start_app(workdir: str, model_dir: str | None, host: str, port: int, **args) -> str:
@@ -515,6 +499,16 @@ def _stop_app() -> None:
     from ray import serve as ray_serve
 
     ray_serve.shutdown()
+
+
+def _serve_forever() -> None:
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _stop_app()
 
 
 def _log_stage(stage: str, status: str, info: dict) -> None:
