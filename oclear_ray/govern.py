@@ -648,11 +648,17 @@ def raw_class_map(labels) -> dict:
     return {"version": content_version(body), **body}
 
 
+RAW_LABELS = "raw"
+
+
 def find_class_map(class_map, workdir: str) -> dict | None:
     """The class map training uses: ``class_map`` (a path or a loaded map) when given, else
-    WORKDIR/govern/class_map.json when it exists, else None (train on the raw labels)."""
+    WORKDIR/govern/class_map.json when it exists, else None (train on the raw labels);
+    ``"raw"`` asks for the raw labels even when a governed map exists."""
     from oclear_ray import storage
 
+    if class_map == RAW_LABELS:
+        return None
     if class_map is not None:
         return load_class_map(class_map)
     found = storage.join(workdir, "govern", "class_map.json")

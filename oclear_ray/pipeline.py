@@ -19,7 +19,7 @@ from oclear_ray import storage
 from oclear_ray.config import TrainConfig
 from oclear_ray.embed import EmbedConfig
 from oclear_ray.evaluate import EvalConfig
-from oclear_ray.govern import GovernConfig
+from oclear_ray.govern import RAW_LABELS, GovernConfig
 from oclear_ray.index import IndexConfig
 
 STAGES = ("govern", "train", "embed", "index", "evaluate")
@@ -124,7 +124,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
     data = {"catalog": fingerprint(cfg.catalog), "queries": fingerprint(cfg.queries)}
     results = {}
 
-    class_map = None
+    class_map = RAW_LABELS
     if cfg.govern is not None:
         path = storage.join(w, "govern", "class_map.json")
 
@@ -137,7 +137,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
         class_map = results["govern"].output["class_map"]
     train_inputs = {
         **data,
-        "govern": results["govern"].key if class_map else None,
+        "govern": results["govern"].key if cfg.govern is not None else None,
         "config": cfg.train.to_dict(),
     }
     model_dir = storage.join(w, "train", "model")
