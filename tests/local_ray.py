@@ -70,21 +70,29 @@ class LocalHead:
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         self.proc = None
 
-    def start(self, timeout: float = 120) -> LocalHead:
-        """Start, and block until the head is up (and its dashboard answers, if it has one)."""
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, env=self.start_env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not self._up():
-            if self.proc.poll() is not None:
+    def start(self, timeout: float = 120, attempts: int = 2) -> LocalHead:
+        """Start, and block until the head is up (and its dashboard answers, if it has one).
+
+        `ray start` gives its raylet a fixed 30 s to register; on a saturated machine that can
+        run out, so a failed start is cleaned up and tried again."""
+        for attempt in range(1, attempts + 1):
+            with open(self.log_path, "w") as log:
+                self.proc = subprocess.Popen(
+                    self.cmd, env=self.start_env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while not self._up():
+                if self.proc.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Ray head not up after {timeout}s: {self.start_log()}")
+                time.sleep(0.5)
+            else:
+                return self
+            if attempt == attempts:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}: {self.start_log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray head not up after {timeout}s: {self.start_log()}")
-            time.sleep(0.5)
-        return self
+            self._kill(self.pids())
 
     def env(self, **extra: str) -> dict:
         """The environment of a client of this head (``ray job submit``, a driver)."""
@@ -121,6 +129,15 @@ class LocalHead:
                     found.append(int(pid))
         return found
 
+    def _kill(self, pids: list[int], grace: float = 10) -> None:
+        """SIGKILL ``pids`` and wait (up to ``grace`` s) until none of this head's is left."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def stop(self, grace: float = 10) -> list[int]:
         """SIGTERM `ray start --block` (it stops what it started), SIGKILL what is left after
         ``grace`` seconds; returns the pids that needed SIGKILL."""
@@ -131,11 +148,9 @@ class LocalHead:
         deadline = time.monotonic() + grace
         while (left := self.pids()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + grace
-        while self.pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        self._kill(left, grace)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)  # reap it (the SIGKILL above may have been its)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
