@@ -633,9 +633,10 @@ def recall_svg(curves: dict[str, list[float]], width: int = 480, height: int = 2
     colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
     for i, (name, curve) in enumerate(curves.items()):
         points = " ".join(xy(k, r) for k, r in enumerate(curve, 1))
-        colour = colours[i % len(colours)]
+        colour, dash = colours[i % len(colours)], 6 * i  # later curves dashed: overlaps show
         parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>'
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+            f'stroke-dasharray="{dash} {dash}" points="{points}"/>'
             f'<text x="{left + plot_w + 8}" y="{top + 14 * (i + 1)}" font-size="11" '
             f'fill="{colour}">{html.escape(name)}</text>'
         )
