@@ -22,11 +22,11 @@ def test_cpu_small_is_the_default():
 
 
 def test_overrides_and_step_scaling():
-    cfg = train_config(None, workers=3, steps=50, max_minutes=2.5)
+    cfg = train_config(None, workers=3, steps=45, max_minutes=2.5)
     assert (cfg.run.workers, cfg.run.max_minutes) == (3, 2.5)
-    assert [s.steps for s in cfg.schedule] == [10, 40]
+    assert [s.steps for s in cfg.schedule] == [30, 15]
     stages = [cfg.stage_at(cfg.progress(s)).name for s in range(cfg.total_steps)]
-    assert stages == ["align"] * 10 + ["fuse"] * 40
+    assert stages == ["align"] * 30 + ["fuse"] * 15
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -43,7 +43,8 @@ def test_a_time_budget_moves_the_schedule_on():
     assert cfg.progress(12) == pytest.approx(0.24)
     assert cfg.progress(12, time_fraction=0.99) == pytest.approx(0.99)
     assert cfg.progress(12, time_fraction=2.0) == 1.0
-    assert cfg.stage_at(cfg.progress(3, 0.5)).name == "fuse"
+    assert cfg.stage_at(cfg.progress(3, 0.8)).name == "fuse"
+    assert cfg.stage_at(cfg.progress(3, 0.5)).name == "align"
     assert cfg.lr_factor(40, 1.0) == pytest.approx(0.05)
     assert cfg.lr_factor(40, 0.5) < cfg.lr_factor(40, 0.4)
 
