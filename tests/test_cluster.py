@@ -173,14 +173,15 @@ while pending:
     watch()
 finished = time.monotonic() - t0
 assigned = ray.get(refs)
-peak = len(seen)
 while watch():
     if time.monotonic() - t0 > float(sys.argv[1]):
         break
     time.sleep(0.5)
 print("REPORT", json.dumps({
-    "assigned": assigned, "peak": peak, "seen": seen, "events": events, "finished": finished,
+    "assigned": assigned, "seen": seen, "events": events, "finished": finished,
     "left": list(workers()), "drained": time.monotonic() - t0,
+    "ever": len([n for n in ray.nodes() if not n["Alive"] or
+                 "node:__internal_head__" not in n["Resources"]]),
 }))
 """
 
@@ -257,8 +258,9 @@ def autoscaled(cluster, tmp_path_factory):
 @pytest.mark.ray
 def test_worker_types_scale_up_for_the_job_and_down_when_idle(autoscaled):
     # Two CPU slots at once (the barrier) on 1-CPU nodes, and the GPU type for the GPU task:
-    kinds = sorted(kind for _, kind, _ in autoscaled["events"])
-    assert kinds == ["cpu", "cpu", "gpu"], autoscaled["events"]
-    assert autoscaled["peak"] == 3
+    # Worker nodes the GCS registered (also those removed again; a short-lived one can slip
+    # between the driver's polls), and the GPU type among those it saw.
+    assert autoscaled["ever"] == 3, autoscaled
+    assert "gpu" in [kind for _, kind, _ in autoscaled["events"]]
     assert autoscaled["assigned"] == [{"CPU": 1.0}, {"CPU": 1.0}, {"GPU": 1.0}]
     assert autoscaled["left"] == []  # every worker node removed once idle
