@@ -3,10 +3,10 @@
     python bench/ingest.py [--data ../shared/data/openmoji-dev] [--steps 80] [--workers 2]
 
 Trains the default recipe for a few steps on openmoji-dev twice, side by side in one run: with
-decoded images cached in the object store (the default: decode and tokenise once, augment every
-epoch) and streaming (decode from storage every epoch). Prints, per variant, the share of the
-step time the workers spent waiting for data over the whole run, and samples/s. Goal: the
-default waits <= 5 % of its step time.
+decoded images cached in the object store (the default: decode and tokenise once, then only the
+per-epoch views) and streaming (read and decode from storage every epoch). Prints, per variant,
+the share of the step time the workers spent waiting for data over the whole run, and
+samples/s. Goal: the default waits <= 5 % of its step time.
 """
 
 from __future__ import annotations
