@@ -257,10 +257,11 @@ def autoscaled(cluster, tmp_path_factory):
 
 @pytest.mark.ray
 def test_worker_types_scale_up_for_the_job_and_down_when_idle(autoscaled):
-    # Two CPU slots at once (the barrier) on 1-CPU nodes, and the GPU type for the GPU task:
-    # Worker nodes the GCS registered (also those removed again; a short-lived one can slip
-    # between the driver's polls), and the GPU type among those it saw.
-    assert autoscaled["ever"] == 3, autoscaled
-    assert "gpu" in [kind for _, kind, _ in autoscaled["events"]]
+    # The head has no CPU and GPU nodes none either: the two CPU tasks, which wait for each
+    # other (the barrier), can only have run on two 1-CPU nodes of the CPU type at once; the
+    # GPU task on a node of the GPU type. Both types were seen added. (How many worker nodes
+    # ray.nodes() still lists at the end varies: the GCS may drop removed ones.)
     assert autoscaled["assigned"] == [{"CPU": 1.0}, {"CPU": 1.0}, {"GPU": 1.0}]
+    assert {kind for _, kind, _ in autoscaled["events"]} == {"cpu", "gpu"}, autoscaled
+    assert autoscaled["ever"] >= 2, autoscaled
     assert autoscaled["left"] == []  # every worker node removed once idle
