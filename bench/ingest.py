@@ -5,8 +5,9 @@
 Trains the default recipe for a few steps on openmoji-dev twice, side by side in one run: with
 decoded images cached in the object store (the default: decode and tokenise once, then only the
 per-epoch views) and streaming (read and decode from storage every epoch). Prints, per variant,
-the share of the step time the workers spent waiting for data over the whole run, and
-samples/s. Goal: the default waits <= 5 % of its step time.
+the share of the step time the workers spent waiting for data over the run (after the first
+batch: the pipeline's start-up wait is printed on its own), and samples/s. Goal: the default
+waits <= 5 % of its step time.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run(cfg, data: str) -> dict:
         "wall_s": round(time.time() - t0, 1),
         "steps": m.get("step"),
         "run_data_wait": m.get("run_data_wait"),
+        "startup_wait_s": m.get("startup_wait_s"),
         "last_samples_per_s": m.get("samples_per_s"),
     }
 
@@ -62,7 +64,10 @@ def main(args):
         figures[name] = run(cfg, args.data)
     print(json.dumps(figures, indent=2))
     for name, f in figures.items():
-        print(f"{name}: data wait {100 * f['run_data_wait']:.1f} % of the step time (goal <= 5 %)")
+        print(
+            f"{name}: data wait {100 * f['run_data_wait']:.1f} % of the step time (goal <= 5 %), "
+            f"after {f['startup_wait_s']:.1f} s for the pipeline to start"
+        )
     ratio = figures["streaming"]["run_data_wait"] / max(figures["cached"]["run_data_wait"], 1e-9)
     print(f"streaming / cached data-wait ratio: {ratio:.1f}x")
 

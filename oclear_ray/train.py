@@ -242,9 +242,12 @@ def train_loop_per_worker(config: dict) -> None:
         optim.step(), head_optim.step()
         optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
         step += 1
-        clock["wait"] += t1 - t0
-        clock["total"] += time.monotonic() - t0
-        clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
+        if "startup_wait_s" not in clock:  # the pipeline starting up: a one-off, kept apart
+            clock["startup_wait_s"] = t1 - t0
+        else:
+            clock["wait"] += t1 - t0
+            clock["total"] += time.monotonic() - t0
+            clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
         out_of_time = progress >= 1.0 and step < cfg.total_steps
         done = step >= cfg.total_steps or out_of_time
         if step % cfg.run.log_every == 0 or done or step % cfg.run.checkpoint_every == 0:
@@ -278,7 +281,8 @@ def _time_budget(started: float, deadline: float | None) -> float | None:
 
 
 def _metrics(step, stage: str, loss, clock, world) -> dict:
-    """Loss, throughput and the data-wait fraction since the last report, and over the run."""
+    """Loss, throughput and the data-wait fraction since the last report and over the run (after
+    the first batch, whose wait for the pipeline to start is reported on its own)."""
     total = max(clock["total"], 1e-9)
     clock["run_wait"] += clock["wait"]
     clock["run_total"] += clock["total"]
@@ -289,6 +293,7 @@ def _metrics(step, stage: str, loss, clock, world) -> dict:
         "samples_per_s": clock["samples"] * world / total,
         "data_wait": clock["wait"] / total,
         "run_data_wait": clock["run_wait"] / max(clock["run_total"], 1e-9),
+        "startup_wait_s": clock["startup_wait_s"],
     }
     clock.update(wait=0.0, total=0.0, samples=0)
     return metrics
