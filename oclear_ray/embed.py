@@ -315,7 +315,8 @@ def embed_catalog(
     ``progress(rows)`` is called after each part is written with the rows it holds.
     """
     config = config or EmbedConfig()
-    model_dir = model_dir or storage.join(workdir, "train", "model")
+    workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory
+    model_dir = storage.absolute(model_dir or storage.join(workdir, "train", "model"))
     model_version, dim = _model_info(model_dir)
     version = embedding_version(model_version, config.image_only)
     out = storage.join(workdir, "embed")
@@ -328,7 +329,7 @@ def embed_catalog(
         if progress is not None:
             progress(table.num_rows)
     extra = {
-        "catalog": str(catalog),
+        "catalog": storage.absolute(catalog),
         "validation": report.to_dict(),
         "encoder_model_version": model_version,
         "doc_inputs": "image" if config.image_only else "image+text",

@@ -485,7 +485,8 @@ def evaluate(
     from oclear_ray.search import SearchIndex, normalize
 
     config = config or EvalConfig()
-    model_dir = model_dir or storage.join(workdir, "train", "model")
+    workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory
+    model_dir = storage.absolute(model_dir or storage.join(workdir, "train", "model"))
     clock, start = {}, time.perf_counter()
     docs = Catalog.load(storage.join(workdir, "embed"))
     check_embeddings(model_dir, docs.summary)

@@ -762,6 +762,7 @@ def govern(
     from oclear_ray.read import clean, read, validate
 
     cfg = config or GovernConfig()
+    workdir = storage.absolute(workdir)  # Ray's workers do not run in this directory
     out_dir = storage.join(workdir, "govern")
     report = validate(
         read(catalog, CATALOG),

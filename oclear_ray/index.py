@@ -695,6 +695,7 @@ def sync_index(
     """Make ``WORKDIR/index`` follow ``WORKDIR/embed`` (after deleting ``delete`` doc_ids from
     the embeddings): build, update in place, or rebuild; the manifest is written last."""
     config = config or IndexConfig()
+    workdir = storage.absolute(workdir)  # Ray tasks do not run in this directory
     map_fn = map_fn or functools.partial(ray_map, num_cpus=config.threads_per_shard)
     embed_dir, index_dir = storage.join(workdir, "embed"), storage.join(workdir, "index")
     removed = remove_embeddings(embed_dir, delete) if delete else 0

@@ -120,7 +120,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
     from oclear_ray.index import sync_index
     from oclear_ray.train import fit
 
-    w = cfg.workdir
+    w = storage.absolute(cfg.workdir)  # Ray's workers and actors run in other directories
     data = {"catalog": fingerprint(cfg.catalog), "queries": fingerprint(cfg.queries)}
     results = {}
 

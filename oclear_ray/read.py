@@ -195,11 +195,12 @@ READERS = {"parquet": read_parquet, "manifest": read_manifest, "webdataset": rea
 
 
 def read(path: str, contract: Contract, *, format: str | None = None):
-    """Read any supported source as a Ray Dataset in ``contract``."""
+    """Read any supported source as a Ray Dataset in ``contract``. Local paths are made
+    absolute: Ray's workers do not run in this directory."""
     fmt = format or detect_format(path)
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}")
-    return READERS[fmt](path, contract)
+    return READERS[fmt](storage.absolute(path), contract)
 
 
 @dataclass

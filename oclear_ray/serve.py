@@ -61,7 +61,8 @@ class Paths:
 
     @classmethod
     def of(cls, workdir: str, model_dir: str | None = None) -> Paths:
-        model_dir = model_dir or storage.join(workdir, "train", "model")
+        workdir = storage.absolute(workdir)
+        model_dir = storage.absolute(model_dir or storage.join(workdir, "train", "model"))
         return cls(workdir, model_dir, storage.join(workdir, "index"))
 
 

@@ -28,6 +28,11 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path)
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute when local (Ray workers and actors run in other directories)."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)

@@ -414,6 +414,7 @@ def fit(
     from oclear_ray.text import train_tokenizer
 
     deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
+    workdir = storage.absolute(workdir)  # Ray Train's workers do not run in this directory
     docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
     q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
     class_map = find_class_map(class_map, workdir) or build_class_map(
@@ -434,7 +435,7 @@ def fit(
         datasets["queries"] = _pipeline(
             q_ds, view="query", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
         )
-    model_dir = storage.join(train_dir, "model")
+    model_dir = storage.absolute(storage.join(train_dir, "model"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -452,7 +453,7 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=_abs(storage.join(train_dir, "runs")),
+            storage_path=storage.absolute(storage.join(train_dir, "runs")),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -475,10 +476,6 @@ def fit(
     )
 
 
-def _abs(path: str) -> str:
-    return path if storage.is_uri(path) else os.path.abspath(path)
-
-
 def _tokenizer(train_dir: str, docs, cfg: TrainConfig, train_tokenizer) -> str:
     """Train the text tokenizer on the catalog's own text once; reuse it on resume."""
     path = storage.join(train_dir, "tokenizer.json")
@@ -490,7 +487,7 @@ def _tokenizer(train_dir: str, docs, cfg: TrainConfig, train_tokenizer) -> str:
         )
         tok = train_tokenizer(texts, vocab_size=cfg.model.text.vocab_size)
         storage.write_bytes(path, tok.tokenizer.to_str().encode())
-    return _abs(path)
+    return storage.absolute(path)
 
 
 def _vocab_size(tokenizer_path: str) -> int:

@@ -255,6 +255,8 @@ def build_app(args: dict):
     """The application graph for ``args`` (see ``AppArgs``); refuses mismatched versions."""
     app_args = AppArgs.from_dict(dict(args))
     paths = app_args.paths
+    # replicas do not run in this directory: hand them absolute paths
+    app_args.workdir, app_args.model_dir = paths.workdir, paths.model_dir
     model, index = check_versions(paths)
     version = model["model_version"]
     batch = {

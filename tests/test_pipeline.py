@@ -44,15 +44,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo(ray_cluster, tmp_path_factory):
+    """``oclear demo`` with a relative work directory, as a user runs it (Ray's workers and
+    actors run in other directories)."""
     root = tmp_path_factory.mktemp("demo")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    workdir = str(root / "work")
-    args = ["--workdir", workdir, "--docs", "150", "--classes", "20", "--config", str(config)]
-    result = CliRunner().invoke(
-        app, ["demo", *args, "--steps", "4", "--port", str(free_port()), "--once"]
-    )
-    return workdir, str(config), result
+    args = ["--workdir", "work", "--docs", "150", "--classes", "20", "--config", str(config)]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(
+            app, ["demo", *args, "--steps", "4", "--port", str(free_port()), "--once"]
+        )
+    finally:
+        os.chdir(cwd)
+    return str(root / "work"), str(config), result
 
 
 def read_report(workdir: str) -> dict:
