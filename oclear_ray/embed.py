@@ -248,18 +248,19 @@ def _actor_resources(config: EmbedConfig) -> tuple[dict, str]:
     return {"num_cpus": config.cpus_per_actor}, "cpu"
 
 
-def embed_dataset(ds, model_dir: str, config: EmbedConfig):
-    """``ds`` (clean contract rows) -> embedding rows, through a pool of ``DocEmbedder``.
+def encoder_pool(ds, encoder_cls, model_dir: str, config: EmbedConfig, **kwargs):
+    """``ds`` through a pool of ``encoder_cls(model_dir=, threads=, device=, **kwargs)`` actors
+    (``config``: actors, their resources, batch size).
 
     Blocks are first cut to one batch each (a streaming repartition), so that every actor gets
-    work even when the source is one large row group, and parts are written as batches finish.
+    work even when the source is one large row group, and results stream as batches finish.
     """
     from ray.data import ActorPoolStrategy
 
     resources, device = _actor_resources(config)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     return ds.map_batches(
-        DocEmbedder,
+        encoder_cls,
         batch_format="pyarrow",
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.actors),
@@ -267,10 +268,15 @@ def embed_dataset(ds, model_dir: str, config: EmbedConfig):
             "model_dir": os.path.abspath(model_dir),
             "threads": config.threads,
             "device": device,
-            "image_only": config.image_only,
+            **kwargs,
         },
         **resources,
     )
+
+
+def embed_dataset(ds, model_dir: str, config: EmbedConfig):
+    """``ds`` (clean contract rows) -> embedding rows, through a pool of ``DocEmbedder``."""
+    return encoder_pool(ds, DocEmbedder, model_dir, config, image_only=config.image_only)
 
 
 def _model_info(model_dir: str) -> tuple[str, int]:

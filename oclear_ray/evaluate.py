@@ -211,25 +211,9 @@ class QueryEmbedder:
 
 def embed_queries(ds, model_dir: str, config: EmbedConfig, *, thumb_rate: float = 0.0):
     """``ds`` (clean query rows) -> query embedding rows through a pool of ``QueryEmbedder``."""
-    from ray.data import ActorPoolStrategy
+    from oclear_ray.embed import encoder_pool
 
-    from oclear_ray.embed import _actor_resources
-
-    resources, device = _actor_resources(config)
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    return ds.map_batches(
-        QueryEmbedder,
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        compute=ActorPoolStrategy(size=config.actors),
-        fn_constructor_kwargs={
-            "model_dir": os.path.abspath(model_dir),
-            "threads": config.threads,
-            "device": device,
-            "thumb_rate": thumb_rate,
-        },
-        **resources,
-    )
+    return encoder_pool(ds, QueryEmbedder, model_dir, config, thumb_rate=thumb_rate)
 
 
 # ---------------------------------------------------------------------------- the stage

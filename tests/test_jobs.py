@@ -14,24 +14,13 @@ import yaml
 
 from oclear_ray.synth import SynthConfig, generate
 from tests.local_ray import BIN, REPO, LocalHead
+from tests.tiny import TINY_MODEL
 
 # Four job drivers plus a head; minutes on a loaded 2-core machine, hence the larger timeout.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 TINY_MODEL = {
-    "model": {
-        "image": {"name": "resnet10t"},
-        "text": {
-            "hidden_size": 32,
-            "num_layers": 1,
-            "num_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 16,
-        },
-        "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
-        "preprocess": {"image_size": 32, "max_text_length": 16},
-        "embed_dim": 32,
-    },
+    "model": TINY_MODEL,
     "data": {"batch_size": 8, "query_batch_size": 4},
     "schedule": [{"name": "fuse", "steps": 2}],
     "run": {"workers": 1, "cpus_per_worker": 0.5, "checkpoint_every": 2, "log_every": 2},

@@ -13,23 +13,12 @@ from typer.testing import CliRunner
 
 from oclear_ray.cli import app
 from oclear_ray.pipeline import read_stamp
+from tests.tiny import TINY_MODEL
 
 pytestmark = pytest.mark.ray
 
 TINY = {
-    "model": {
-        "image": {"name": "resnet10t"},
-        "text": {
-            "hidden_size": 32,
-            "num_layers": 1,
-            "num_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 16,
-        },
-        "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
-        "preprocess": {"image_size": 32, "max_text_length": 16},
-        "embed_dim": 32,
-    },
+    "model": TINY_MODEL,
     "data": {"batch_size": 8, "query_batch_size": 4},
     "schedule": [{"name": "align", "steps": 2, "towers": "image"}, {"name": "fuse", "steps": 2}],
     "run": {"workers": 1, "checkpoint_every": 100},
@@ -87,9 +76,10 @@ def test_demo_runs_every_stage_and_answers_a_search_over_http(demo):
     good = pq.read_metadata(os.path.join(workdir, "data", "eval_queries.parquet")).num_rows
     assert report["n_queries"] == good and 0.0 <= report["recall@1"] <= 1.0
     index = read_stamp(workdir, "index")["output"]
-    assert index["count"] == pq.read_metadata(
-        os.path.join(workdir, "data", "catalog.parquet")
-    ).num_rows
+    assert (
+        index["count"]
+        == pq.read_metadata(os.path.join(workdir, "data", "catalog.parquet")).num_rows
+    )
 
 
 def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
