@@ -3,9 +3,11 @@
 A class is a product: a type (mug, tote bag, ...), a body shape, a colour, a pattern with a
 second colour, and a printed mark (a letter, a digit or a small glyph on a badge). Documents
 are slightly varied catalog shots of the product on a plain light background, titled by its
-attributes; queries are "user photos" of the same product (clutter, scale, rotation, skew,
-occlusion, blur, lighting, JPEG). Class sizes follow a Zipf law and the governance problems
-the method exists for are injected on purpose, then recorded in ``truth.json``:
+attributes; queries are "user photos" of the same product, framed as a person aims a phone
+(muted clutter, scale, rotation, skew, occlusion, blur, lighting, JPEG): hard, but learnable
+(pixel k-NN finds the product well above chance). Class sizes follow a Zipf law and the
+governance problems the method exists for are injected on purpose, then recorded in
+``truth.json``:
 
 - ``noise``: fraction of documents whose ``label`` is replaced by another product's label;
 - ``alias_rate``: fraction of products whose documents are split across two labels;
@@ -701,6 +703,15 @@ def _colour(rng: np.random.Generator, low: int = 20, high: int = 236) -> tuple[i
     return tuple(int(c) for c in rng.integers(low, high, size=3))
 
 
+def _surface(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A colour of the things around a product (tables, walls, cloth): a random colour faded
+    halfway or more towards a random grey, so that the product stays the loudest thing."""
+    grey = rng.uniform(70, 220)
+    colour = np.asarray(_colour(rng), np.float64)
+    fade = rng.uniform(*_PHOTO["fade"])
+    return tuple(int(round(c)) for c in grey + (1 - fade) * (colour - grey))
+
+
 def _mix(t: np.ndarray, a: tuple, b: tuple) -> Image.Image:
     """Blend colours a and b with weights t (a square array in [0, 1]) as an RGB image."""
     mask = Image.fromarray(np.round(t * 255).astype(np.uint8), "L")
@@ -709,20 +720,20 @@ def _mix(t: np.ndarray, a: tuple, b: tuple) -> Image.Image:
 
 def _bg_clutter(rng: np.random.Generator, size: int) -> Image.Image:
     """A coloured surface with random boxes and discs lying around."""
-    image = Image.new("RGB", (size, size), _colour(rng))
+    image = Image.new("RGB", (size, size), _surface(rng))
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(5, 14))):
+    for _ in range(int(rng.integers(3, 9))):
         x, y = rng.uniform(-0.2, 1.0, 2) * size
         w, h = rng.uniform(0.1, 0.6, 2) * size
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x, y, x + w, y + h), fill=_colour(rng))
+        shape((x, y, x + w, y + h), fill=_surface(rng))
     return image
 
 
 def _bg_blobs(rng: np.random.Generator, size: int) -> Image.Image:
     """A smooth blotchy texture: a few random pixels upsampled."""
     cells = int(rng.integers(2, 6))
-    small = rng.integers(20, 236, size=(cells, cells, 3), dtype=np.uint8)
+    small = np.array([[_surface(rng) for _ in range(cells)] for _ in range(cells)], np.uint8)
     return Image.fromarray(small, "RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -731,7 +742,7 @@ def _bg_waves(rng: np.random.Generator, size: int) -> Image.Image:
     yy, xx = _grid(size)
     angle, cycles = rng.uniform(0, np.pi), rng.uniform(2, 12)
     phase = (xx * np.cos(angle) + yy * np.sin(angle)) / size * cycles + rng.uniform()
-    return _mix(0.5 + 0.5 * np.sin(2 * np.pi * phase), _colour(rng), _colour(rng))
+    return _mix(0.5 + 0.5 * np.sin(2 * np.pi * phase), _surface(rng), _surface(rng))
 
 
 def _bg_gradient(rng: np.random.Generator, size: int) -> Image.Image:
@@ -740,10 +751,29 @@ def _bg_gradient(rng: np.random.Generator, size: int) -> Image.Image:
     angle = rng.uniform(0, 2 * np.pi)
     t = (xx * np.cos(angle) + yy * np.sin(angle)) / size
     t = (t - t.min()) / (t.max() - t.min())
-    return _mix(t, _colour(rng), _colour(rng))
+    return _mix(t, _surface(rng), _surface(rng))
 
 
 _BACKGROUNDS = (_bg_clutter, _bg_blobs, _bg_waves, _bg_gradient)
+
+# How far a user photo strays from the catalog shot: the product is framed as someone aims a
+# phone at it (mostly centred, filling much of the frame, a little turned and tilted).
+_PHOTO = {
+    "scale": (0.75, 1.1),  # product size relative to the catalog shot
+    "turn": 0.3,  # rotation, radians either way
+    "shift": 0.1,  # centre offset, canvas units either way
+    "tilt": 0.05,  # perspective corner jitter
+    "fade": (0.45, 0.85),  # how grey the surroundings are
+    "occlude": 0.2,  # chance of a finger or object over the product
+    "cover": (0.06, 0.15),  # its half-size
+    "blur_rate": 0.5,
+    "blur": (0.2, 0.8),
+    "contrast": (0.8, 1.15),
+    "bright": 25.0,
+    "cast": 0.1,
+    "noise": 4.0,
+    "jpeg": (60, 93),
+}
 
 
 def _perspective(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
@@ -758,12 +788,12 @@ def _perspective(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
 def _skew(layer: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Scale, rotate, move and perspective-skew the product layer (a hand-held shot)."""
     size = layer.width
-    scale, angle = rng.uniform(0.55, 1.05), rng.uniform(-0.5, 0.5)
+    scale, angle = rng.uniform(*_PHOTO["scale"]), rng.uniform(-1, 1) * _PHOTO["turn"]
     corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    centre = size * (0.5 + rng.uniform(-0.15, 0.15, 2))
+    centre = size * (0.5 + rng.uniform(-1, 1, 2) * _PHOTO["shift"])
     dst = centre + scale * (corners - size / 2) @ rotation.T
-    dst += rng.uniform(-0.07, 0.07, (4, 2)) * size * scale
+    dst += rng.uniform(-1, 1, (4, 2)) * _PHOTO["tilt"] * size * scale
     coefficients = _perspective(dst, corners)
     return layer.transform(
         layer.size, Image.Transform.PERSPECTIVE, coefficients, Image.Resampling.BILINEAR
@@ -772,11 +802,11 @@ def _skew(layer: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _occlude(photo: Image.Image, rng: np.random.Generator) -> None:
     """Sometimes cover part of the middle with a finger or another object."""
-    if rng.random() >= 0.3:
+    if rng.random() >= _PHOTO["occlude"]:
         return
     size = photo.width
     x, y = size * (0.5 + rng.uniform(-0.35, 0.35, 2))
-    w, h = size * rng.uniform(0.08, 0.2, 2)
+    w, h = size * rng.uniform(*_PHOTO["cover"], 2)
     colour = _SKIN[rng.integers(len(_SKIN))] if rng.random() < 0.5 else _colour(rng)
     ImageDraw.Draw(photo).ellipse((x - w, y - h, x + w, y + h), fill=colour)
 
@@ -784,9 +814,11 @@ def _occlude(photo: Image.Image, rng: np.random.Generator) -> None:
 def _light(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Lighting and sensor: contrast, brightness, a colour cast and a little noise."""
     rgb = np.asarray(photo, np.float32)
-    rgb = (rgb - 128) * rng.uniform(0.7, 1.2) + 128 + rng.uniform(-35, 35)
-    noise = rng.standard_normal(rgb.shape, dtype=np.float32) * rng.uniform(0, 5)
-    rgb = rgb * rng.uniform(0.85, 1.15, 3).astype(np.float32) + noise
+    contrast, bright = rng.uniform(*_PHOTO["contrast"]), rng.uniform(-1, 1) * _PHOTO["bright"]
+    rgb = (rgb - 128) * contrast + 128 + bright
+    noise = rng.standard_normal(rgb.shape, dtype=np.float32) * rng.uniform(0, _PHOTO["noise"])
+    cast = 1 + rng.uniform(-1, 1, 3) * _PHOTO["cast"]
+    rgb = rgb * cast.astype(np.float32) + noise
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -798,10 +830,10 @@ def _query_image(product: Product, rng: np.random.Generator, size: int) -> bytes
     photo.paste(layer, (0, 0), layer)
     _occlude(photo, rng)
     photo = photo.resize((size, size), Image.Resampling.BOX)
-    if rng.random() < 0.6:
-        photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
+    if rng.random() < _PHOTO["blur_rate"]:
+        photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(*_PHOTO["blur"])))
     photo = _light(photo, rng)
-    return _encode(photo, "JPEG", quality=int(rng.integers(55, 93)))
+    return _encode(photo, "JPEG", quality=int(rng.integers(*_PHOTO["jpeg"])))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,6 +230,31 @@ def test_queries_are_not_catalog_shots(small):
         assert np.abs(photo - np.asarray(shot, np.float32)).mean() > 20
 
 
+def _thumbs(images: list[bytes]) -> np.ndarray:
+    """16 x 16 RGB thumbnails, mean-centred and L2-normalised: a pixel k-NN's features."""
+    rows = [np.asarray(_decode(b).convert("RGB").resize((16, 16)), np.float32) for b in images]
+    x = np.stack([r.ravel() - r.mean() for r in rows])
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_query_photos_are_hard_but_learnable(small):
+    """Pixel k-NN finds a photo's product far above chance (1 / 60), yet well below how it
+    finds a catalog shot's: the photos are distorted, not unrecognisable."""
+    doc_product = np.array([small.truth["doc_product"][d["doc_id"]] for d in small.docs])
+    docs = _thumbs([d["image"] for d in small.docs])
+    photos = [q for q in small.train + small.eval if q["image"] is not None]
+    query_product = np.array([small.truth["query_product"][q["query_id"]] for q in photos])
+    nearest = (_thumbs([q["image"] for q in photos]) @ docs.T).argmax(1)
+    photo_r1 = (doc_product[nearest] == query_product).mean()
+    doc_sims = docs @ docs.T
+    np.fill_diagonal(doc_sims, -2.0)
+    sizes = Counter(doc_product.tolist())
+    several = np.array([sizes[p] > 1 for p in doc_product])
+    shot_r1 = (doc_product[doc_sims.argmax(1)] == doc_product)[several].mean()
+    assert photo_r1 >= 0.3
+    assert shot_r1 - photo_r1 >= 0.2
+
+
 def test_titles_name_the_attributes_and_some_are_empty(small):
     empty = [d for d in small.docs if d["text"] == ""]
     assert 0 < len(empty) < 0.15 * len(small.docs)
