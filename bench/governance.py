@@ -2,6 +2,7 @@
 
     python bench/governance.py [--docs 1500] [--classes 150] [--noise 0.3] [--steps 150]
     python bench/governance.py --workdir W --rescore   # score the models of a previous run
+    python bench/governance.py --workdir W --stage govern   # then --stage a_clean, b_noisy, ...
 
 Draws a catalog with ``oclear synth`` (30 % label noise, aliased and broad labels), runs
 ``govern`` on it and scores the class map against truth.json (noise, merge and split
@@ -53,6 +54,12 @@ def parse_args():
     p.add_argument(
         "--rescore", action="store_true", help="score the models already trained in --workdir"
     )
+    p.add_argument(
+        "--stage",
+        choices=("all", "govern", *RUNS),
+        default="all",
+        help="one stage only (needs --workdir; later stages reuse its data and class map)",
+    )
     return p.parse_args()
 
 
@@ -73,24 +80,31 @@ def clean_catalog(data: str, truth: dict) -> str:
 
 def product_recall(model_dir: str, data: str, truth: dict, ks=(1, 5, 10)) -> dict:
     """Recall@k of the eval query photos (held-out queries): a hit is a document of the
-    query's product. Also ``doc_recall@1``: each catalog document (of a product with two or
+    query's product; ``train_queries_recall@k``: the same for the training query photos (seen
+    in training). Also ``doc_recall@1``: each catalog document (of a product with two or
     more) as a query against the others, which shows how the embedding groups products."""
     torch.set_num_threads(2)
     docs = pq.read_table(os.path.join(data, "catalog.parquet")).to_pydict()
-    queries = pq.read_table(os.path.join(data, "eval_queries.parquet")).to_pydict()
     xb = embed_in_process(load_doc_encoder(model_dir), docs["image"], docs["text"], doc=True)
-    xq = embed_in_process(load_query_encoder(model_dir), queries["image"], doc=False)
-    _, I = exact_search(xq, xb, max(ks))
     doc_product = np.array([truth["doc_product"][d] for d in docs["doc_id"]], dtype=object)
-    query_product = np.array([truth["query_product"][q] for q in queries["query_id"]], dtype=object)
-    hits = doc_product[I] == query_product[:, None]
-    out = {f"recall@{k}": float(hits[:, :k].any(1).mean()) for k in ks}
+    query_encoder = load_query_encoder(model_dir)
+    out = {}
+    for name, prefix in (("eval_queries", ""), ("queries", "train_queries_")):
+        queries = pq.read_table(os.path.join(data, f"{name}.parquet")).to_pydict()
+        xq = embed_in_process(query_encoder, queries["image"], doc=False)
+        _, I = exact_search(xq, xb, max(ks))
+        query_product = np.array([truth["query_product"][q] for q in queries["query_id"]])
+        hits = doc_product[I] == query_product.astype(object)[:, None]
+        out.update({f"{prefix}recall@{k}": float(hits[:, :k].any(1).mean()) for k in ks})
     _, J = exact_search(xb, xb, 2)
     _, inverse, counts = np.unique(doc_product, return_inverse=True, return_counts=True)
     several = counts[inverse] >= 2
     nearest = np.where(J[:, 0] == np.arange(len(J)), J[:, 1], J[:, 0])
     out["doc_recall@1"] = float((doc_product[nearest] == doc_product)[several].mean())
     return out
+
+
+RUNS = ("a_clean", "b_noisy", "c_governed")
 
 
 def train_and_score(name, cfg, catalog, data, work, truth, class_map=None) -> dict:
@@ -107,6 +121,7 @@ def train_and_score(name, cfg, catalog, data, work, truth, class_map=None) -> di
     out.update(
         classes=result.num_classes,
         class_map=result.class_map_version,
+        steps=cfg.total_steps,
         minutes=round((time.time() - started) / 60, 2),
     )
     print(name, json.dumps(out), flush=True)
@@ -121,31 +136,26 @@ def rescore(work: str) -> dict:
     class_map = load_class_map(os.path.join(work, "c", "govern", "class_map.json"))
     runs = {
         name: product_recall(os.path.join(work, name, "train", "model"), data, truth)
-        for name in ("a_clean", "b_noisy", "c_governed")
+        for name in RUNS
     }
     return {"governance": score_against_truth(class_map, truth), "runs": runs}
 
 
 def ratios(runs: dict) -> dict:
     """b/a and c/a of every figure."""
-    a, b, c = (runs[k] for k in ("a_clean", "b_noisy", "c_governed"))
+    a, b, c = (runs[k] for k in RUNS)
     return {
         key: {
             "b/a": b[key] / a[key] if a[key] else None,
             "c/a": c[key] / a[key] if a[key] else None,
         }
         for key in a
-        if key.startswith(("recall@", "doc_recall@"))
+        if key.startswith(("recall@", "doc_recall@", "train_queries_recall@"))
     }
 
 
-def main(args):
-    if args.rescore:
-        report = rescore(args.workdir)
-        report["ratios"] = ratios(report["runs"])
-        print(json.dumps(report, indent=1))
-        return
-    work = args.workdir or tempfile.mkdtemp(prefix="oclear-bench-govern-")
+def run_govern(args, work: str) -> dict:
+    """Draw the catalog, govern it, score the class map; saved as WORK/govern.json."""
     data = os.path.join(work, "data")
     synth = SynthConfig(
         docs=args.docs,
@@ -166,34 +176,74 @@ def main(args):
         config=GovernConfig(),
         queries=os.path.join(data, "queries.parquet"),
     )
-    class_map = load_class_map(governed.class_map_path)
     report = {
         "catalog": truth["counts"],
         "govern_minutes": round((time.time() - started) / 60, 2),
-        "governance": score_against_truth(class_map, truth),
+        "governance": score_against_truth(load_class_map(governed.class_map_path), truth),
     }
-    print(json.dumps(report, indent=1), flush=True)
+    _save(work, "govern", report)
+    return report
+
+
+def run_training(name: str, args, work: str) -> dict:
+    """Train one of the three runs on WORK's data (after the govern stage); WORK/NAME.json."""
+    data = os.path.join(work, "data")
+    with open(os.path.join(data, "truth.json")) as f:
+        truth = json.load(f)
     cfg = TrainConfig().with_total_steps(args.steps)
     cfg = replace(cfg, run=replace(cfg.run, workers=args.workers))
-    runs = {
-        "a_clean": train_and_score("a_clean", cfg, clean_catalog(data, truth), data, work, truth),
-        "b_noisy": train_and_score(
-            "b_noisy", cfg, os.path.join(data, "catalog.parquet"), data, work, truth
-        ),
-        "c_governed": train_and_score(
-            "c_governed",
-            cfg,
-            os.path.join(data, "catalog.parquet"),
-            data,
-            work,
-            truth,
-            class_map=governed.class_map_path,
-        ),
-    }
+    catalog = os.path.join(data, "catalog.parquet")
+    class_map = None
+    if name == "a_clean":
+        catalog = clean_catalog(data, truth)
+    elif name == "c_governed":
+        class_map = os.path.join(work, "c", "govern", "class_map.json")
+    init_ray()
+    out = train_and_score(name, cfg, catalog, data, work, truth, class_map=class_map)
+    _save(work, name, out)
+    return out
+
+
+def _save(work: str, name: str, report: dict) -> None:
+    with open(os.path.join(work, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def summary(work: str) -> dict:
+    """The saved stages of WORK as one report, with c/a when all three runs are there."""
+    report = {"workdir": work}
+    path = os.path.join(work, "govern.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            report.update(json.load(f))
+    runs = {}
+    for name in RUNS:
+        path = os.path.join(work, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs[name] = json.load(f)
     report["runs"] = runs
-    report["ratios"] = ratios(runs)
-    report["workdir"] = work
-    print(json.dumps(report, indent=1))
+    if len(runs) == len(RUNS):
+        report["ratios"] = ratios(runs)
+    return report
+
+
+def main(args):
+    if args.rescore:
+        report = rescore(args.workdir)
+        report["ratios"] = ratios(report["runs"])
+        print(json.dumps(report, indent=1))
+        return
+    if args.stage != "all" and not args.workdir:
+        raise SystemExit("--stage needs --workdir")
+    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="oclear-bench-govern-"))
+    os.makedirs(work, exist_ok=True)
+    if args.stage in ("all", "govern"):
+        print(json.dumps(run_govern(args, work), indent=1), flush=True)
+    for name in RUNS:
+        if args.stage in ("all", name):
+            run_training(name, args, work)
+    print(json.dumps(summary(work), indent=1))
 
 
 if __name__ == "__main__":

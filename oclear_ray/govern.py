@@ -52,7 +52,10 @@ class GovernConfig:
         among each other's ``mutual`` nearest neighbours are linked from ``mutual_link`` on.
     merge_similarity: home centres at least this similar make two labels one class;
         alias_similarity: the least home-centre similarity of a label to the owner of its main
-        cluster for it to be merged into that owner.
+        cluster for it to be merged into that owner; alias_text_similarity: the least cosine
+        of the two labels' title profiles (mean TF-IDF of their titles at home) for any merge:
+        look-alike products share a picture, not the words naming them (a printed mark);
+        min_alias_docs: documents a label needs in its main cluster to be merged by it.
     split_similarity: owned clusters whose centres are less similar than this are separate
         things; min_split: documents each part of a split needs.
     min_confidence: a noisy row whose new class has a lower vote share is dropped, not
@@ -74,6 +77,8 @@ class GovernConfig:
     mutual_link: float = 0.7
     merge_similarity: float = 0.95
     alias_similarity: float = 0.75
+    alias_text_similarity: float = 0.7
+    min_alias_docs: int = 2
     split_similarity: float = 0.8
     min_split: int = 2
     min_confidence: float = 0.5
@@ -82,7 +87,15 @@ class GovernConfig:
     tail: int = 5
 
     def __post_init__(self):
-        for name in ("text_dim", "thumb", "neighbours", "mutual", "min_split", "tail"):
+        for name in (
+            "text_dim",
+            "thumb",
+            "neighbours",
+            "mutual",
+            "min_split",
+            "min_alias_docs",
+            "tail",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"govern {name} must be >= 1, got {getattr(self, name)}")
         for name in (
@@ -90,6 +103,7 @@ class GovernConfig:
             "mutual_link",
             "merge_similarity",
             "alias_similarity",
+            "alias_text_similarity",
             "split_similarity",
             "min_confidence",
         ):
@@ -357,30 +371,73 @@ def home_docs(clusters: np.ndarray, labels: np.ndarray, owners: Owners) -> np.nd
 
 
 def find_merges(
-    x: np.ndarray, clusters: np.ndarray, labels: np.ndarray, owners: Owners, cfg: GovernConfig
+    x: np.ndarray,
+    clusters: np.ndarray,
+    labels: np.ndarray,
+    owners: Owners,
+    cfg: GovernConfig,
+    text: np.ndarray | None = None,
 ) -> list[tuple[int, int, str, float]]:
     """Alias pairs ``(label, into, reason, similarity)``.
 
-    "main cluster owned": the label owns no cluster and its main cluster is owned by another
-    label whose home centre is at least ``alias_similarity`` alike (its documents are a
-    minority inside another label's thing). "same centre": the two labels' home centres
-    (mean of their documents at home) are at least ``merge_similarity`` alike.
+    "main cluster owned": the label's main cluster is owned by another label whose home centre
+    is at least ``alias_similarity`` alike (its documents are a minority inside another
+    label's thing). "same main cluster": two labels that both have their main cluster in one
+    that neither owns (two names of a product that shares its cluster with a look-alike).
+    A label needs ``min_alias_docs`` documents in its main cluster for either: one document is
+    what a stray label looks like. "same centre": the two labels' home centres (mean of their
+    documents at home) are at least ``merge_similarity`` alike. With ``text`` (per-document
+    title vectors, zero rows for no title), every pair also needs title profiles at least
+    ``alias_text_similarity`` alike: two products that differ only by a printed mark look
+    alike and cluster together, but their titles name different marks.
     """
     num_labels = len(owners.main)
-    home = centres(x, home_docs(clusters, labels, owners), num_labels)
+    at_home = home_docs(clusters, labels, owners)
+    home = centres(x, at_home, num_labels)
+    words = None if text is None else title_profiles(text, at_home, num_labels)
+
+    def named_alike(a: int, b: int) -> bool:
+        if words is None or not (words[a].any() and words[b].any()):
+            return True  # no titles to compare: the picture decides
+        return float(words[a] @ words[b]) >= cfg.alias_text_similarity
+
     pairs = []
-    homeless = ~np.isin(np.arange(num_labels), owners.owner)
-    for lab in np.flatnonzero(homeless):
-        c = owners.main[lab]
-        into = int(owners.owner[c]) if c >= 0 else lab
+    settled = [
+        lab
+        for lab, c in enumerate(owners.main.tolist())
+        if c >= 0 and owners.counts.get((c, lab), 0) >= cfg.min_alias_docs
+    ]
+    guests = defaultdict(list)  # cluster -> settled labels that have it as main but do not own it
+    for lab in settled:
+        c = int(owners.main[lab])
+        into = int(owners.owner[c])
+        if into == lab:
+            continue
+        guests[c].append(lab)
         similarity = float(home[lab] @ home[into])
-        if into != lab and similarity >= cfg.alias_similarity:
-            pairs.append((int(lab), into, "main cluster owned", similarity))
+        if similarity >= cfg.alias_similarity and named_alike(lab, into):
+            pairs.append((lab, into, "main cluster owned", similarity))
+    merged = {a for a, *_ in pairs}
+    for group in guests.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                if a in merged and b in merged:
+                    continue
+                similarity = float(home[a] @ home[b])
+                if similarity >= cfg.alias_similarity and named_alike(a, b):
+                    pairs.append((b, a, "same main cluster", similarity))
     sims = home @ home.T
     np.fill_diagonal(sims, -1.0)
     for a, b in zip(*np.nonzero(np.triu(sims >= cfg.merge_similarity)), strict=True):
-        pairs.append((int(b), int(a), "same centre", float(sims[a, b])))
+        if named_alike(int(a), int(b)):
+            pairs.append((int(b), int(a), "same centre", float(sims[a, b])))
     return pairs
+
+
+def title_profiles(text: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per group, the L2-normalised mean title vector of its members that have a title."""
+    titled = np.where(text.any(1), groups, -1)
+    return centres(text, titled, num_groups)
 
 
 def merge_labels(num_labels: int, pairs) -> np.ndarray:
@@ -468,8 +525,11 @@ def decide_rows(
     return Decision(final=target, noisy=noisy, confidence=confidence, cluster=clusters)
 
 
-def organise(x: np.ndarray, labels: list[str], cfg: GovernConfig) -> dict:
-    """Features and raw labels of N documents -> the governance decisions (no Ray).
+def organise(
+    x: np.ndarray, labels: list[str], cfg: GovernConfig, text: np.ndarray | None = None
+) -> dict:
+    """Features and raw labels of N documents -> the governance decisions (no Ray). ``text``:
+    the documents' title vectors (``text_features``), which merges must agree with.
 
     Returns ``label_names``, per-label ``label_class`` (after merges), ``merges``, ``splits``,
     ``parts`` and the per-document ``Decision``.
@@ -478,7 +538,7 @@ def organise(x: np.ndarray, labels: list[str], cfg: GovernConfig) -> dict:
     clusters = product_clusters(x, cfg)
     noise = noise_rate(clusters, y)
     owners = resolve_owners(clusters, y, len(names), noise)
-    merges = find_merges(x, clusters, y, owners, cfg)
+    merges = find_merges(x, clusters, y, owners, cfg, text)
     label_class = merge_labels(len(names), merges)
     classes = label_class[y]
     owners = resolve_owners(clusters, classes, int(label_class.max()) + 1, noise)
@@ -728,11 +788,16 @@ def model_vectors(ds, model_dir: str, doc_ids: list[str]) -> np.ndarray:
     return vectors_of(table)[[row_of[d] for d in doc_ids]]
 
 
+def text_features(table: pa.Table) -> np.ndarray:
+    """TF-IDF title vectors, [N, text_dim]; zero rows for documents without a title."""
+    return tfidf(column_matrix(table, "text_counts"))
+
+
 def features(table: pa.Table, cfg: GovernConfig, model: np.ndarray | None = None) -> np.ndarray:
     """The combined, L2-normalised document features (driver side: IDF needs every row)."""
     thumb, colour = column_matrix(table, "thumb"), column_matrix(table, "colour")
     image = combine([(thumb, 1.0), (colour, 1.0)])
-    text = impute_missing(tfidf(column_matrix(table, "text_counts")), image)
+    text = impute_missing(text_features(table), image)
     blocks = [(text, cfg.text_weight), (thumb, cfg.image_weight), (colour, cfg.colour_weight)]
     if model is not None:
         blocks.append((model, cfg.model_weight))
@@ -774,7 +839,7 @@ def govern(
     table = content_table(ds, cfg)
     doc_ids, labels = table.column("doc_id").to_pylist(), table.column("label").to_pylist()
     model = model_vectors(ds, model_dir, doc_ids) if model_dir else None
-    decided = organise(features(table, cfg, model), labels, cfg)
+    decided = organise(features(table, cfg, model), labels, cfg, text=text_features(table))
     class_map = build_class_map(doc_ids, labels, decided, cfg)
     summary = governance_report(class_map, labels, cfg)
     summary["inputs"] = {

@@ -60,6 +60,8 @@ FILES = {
     "truth": "truth.json",
 }
 
+# An aliased product has at least this many documents, so both its labels hold >= 2 of them.
+ALIAS_MIN_DOCS = 6
 # Seed streams: the plan, then one generator per document and per query.
 _PLAN, _DOCS, _QUERIES = 0, 1, 2
 
@@ -225,8 +227,10 @@ class SynthConfig:
         (split="random").
     noise: fraction of documents whose label is replaced by a uniformly drawn label of another
         product (one clean document per product and label is kept, so none vanishes).
-    alias_rate: fraction of products (among those with >= 2 documents) whose documents are split
-        across two labels; queries carry the canonical one, which keeps at least half.
+    alias_rate: fraction of products whose documents are split across two labels, drawn among
+        products with at least ``ALIAS_MIN_DOCS`` documents (fewer when there are not enough):
+        the second label is a name in real use, with a third to a half of the documents (at
+        least 2); queries carry the canonical one, which keeps the rest.
     broad_rate: fraction of products merged pairwise (same product type when possible) under
         one label; queries of both products carry that label.
     zipf: exponent of the class-size law (0 = uniform; 1 = a few huge classes, a long tail).
@@ -396,8 +400,9 @@ def _sample_products(rng: np.random.Generator, count: int) -> list[Product]:
 def _pick_governance(
     rng: np.random.Generator, products: list[Product], sizes: np.ndarray, config: SynthConfig
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Choose the aliased products (>= 2 documents) and the broad pairs (same type first)."""
-    eligible = np.flatnonzero(sizes >= 2)
+    """Choose the aliased products (>= ALIAS_MIN_DOCS documents) and the broad pairs (same
+    type first)."""
+    eligible = np.flatnonzero(sizes >= ALIAS_MIN_DOCS)
     n_alias = min(round(config.alias_rate * len(sizes)), len(eligible))
     aliased = np.sort(rng.choice(eligible, n_alias, replace=False))
     free = rng.permutation(np.setdiff1d(np.arange(len(sizes)), aliased))
@@ -436,10 +441,13 @@ def _label_slots(
 def _split_aliases(
     rng: np.random.Generator, docs_of: list[np.ndarray], alias: np.ndarray, labels: np.ndarray
 ) -> None:
-    """Give between one document and half of each aliased product's documents its second label."""
+    """Give a third (at least 2) to a half of each aliased product's documents its second label:
+    a name in use, not a stray document (which 30 % label noise would make indistinguishable
+    from a noisy one)."""
     for p in np.flatnonzero(alias >= 0):
         docs = docs_of[p]
-        moved = rng.choice(docs, int(rng.integers(1, len(docs) // 2 + 1)), replace=False)
+        share = int(rng.integers(max(2, -(-len(docs) // 3)), len(docs) // 2 + 1))
+        moved = rng.choice(docs, share, replace=False)
         labels[moved] = alias[p]
 
 

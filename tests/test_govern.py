@@ -148,6 +148,35 @@ def test_text_features_ignore_order_and_case_but_see_the_mark():
     assert not t[3].any()
 
 
+def look_alikes():
+    """One picture, two products that differ by their printed mark: 8 + 3 documents of the
+    J-marked one under labels "J" and "J2", 4 + 3 of the T-marked one under "T" and "T2", one
+    J-marked document under a stray label "S" (its other documents elsewhere)."""
+    x, thing = blobs([19, 6])
+    titles = ("teal coaster, mark {}", "Teal drink coaster, printed {}", "{} logo teal coaster")
+    marks = ["J"] * 12 + ["T"] * 7
+    labels = ["J"] * 8 + ["J2"] * 3 + ["S"] + ["T"] * 4 + ["T2"] * 3 + ["S"] * 6
+    texts = [titles[i % 3].format(m) for i, m in enumerate(marks)]
+    texts += [titles[i % 3].format("Q").replace("teal", "red") for i in range(6)]
+    return x, labels, g.tfidf(g.text_counts(texts, 512))
+
+
+def test_merges_need_titles_alike_not_only_a_shared_picture():
+    x, labels, text = look_alikes()
+    cfg = g.GovernConfig()
+    cm = g.build_class_map(
+        [f"d{i}" for i in range(len(labels))], labels, g.organise(x, labels, cfg, text), cfg
+    )
+    assert sorted(m["labels"] for m in cm["merges"]) == [["J", "J2"], ["T", "T2"]]
+    reasons = {(e["label"], e["into"], e["reason"]) for m in cm["merges"] for e in m["evidence"]}
+    assert {("J2", "J", "main cluster owned"), ("T2", "T", "same main cluster")} <= reasons
+    # without titles the picture alone puts the T-marked product's labels under "J" too
+    blind = g.organise(x, labels, cfg)
+    names = blind["label_names"]
+    classes = {names[i]: k for i, k in enumerate(blind["label_class"])}
+    assert classes["T"] == classes["T2"] == classes["J"] != classes["S"]
+
+
 def test_content_features_and_an_optional_model_block():
     from tests.conftest import png_bytes
 
