@@ -4,7 +4,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from oclear_ray.cli import app
@@ -18,11 +17,11 @@ from oclear_ray.embed import (
 )
 from oclear_ray.export import export_model, load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
-from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
-from oclear_ray.preprocess import PreprocessConfig
+from oclear_ray.model import ModelConfig, RetrievalModel
 from oclear_ray.search import SearchIndex
 from oclear_ray.synth import SynthConfig, generate
 from oclear_ray.text import train_tokenizer
+from tests.tiny import export_random_model
 
 pytestmark = pytest.mark.ray
 
@@ -47,20 +46,8 @@ def catalog(tmp_path_factory):
 def model_dir(catalog, tmp_path_factory):
     """A small random-init model exported the way training exports it."""
     texts = pq.read_table(catalog[0], columns=["text"]).column("text").to_pylist()
-    tokenizer = train_tokenizer(texts, vocab_size=200)
-    torch.manual_seed(0)
-    config = ModelConfig(
-        text=TextEncoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        ),
-        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
-        embed_dim=32,
-    )
     out = tmp_path_factory.mktemp("model")
-    export_model(RetrievalModel(config).eval(), tokenizer, out)
+    export_random_model(texts, out)
     return str(out)
 
 

@@ -32,13 +32,11 @@ from oclear_ray.evaluate import (
     relevance,
     retrieval_metrics,
 )
-from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
-from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
-from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import SearchIndex, normalize
 from oclear_ray.synth import SynthConfig, generate
-from oclear_ray.text import train_tokenizer
+from tests.tiny import export_random_model
 
 DOC_LABELS = ["a", "b", "a", "c", "d"]  # R: a 2, b 1, c 1, d 1, e 0
 QUERY_LABELS = ["a", "b", "c", "e"]
@@ -50,6 +48,7 @@ I = np.array(
         [0, 1, 2, 3, 4],  # e: no document carries the label
     ]
 )
+
 R = np.array([2, 1, 1, 0])
 
 
@@ -135,20 +134,8 @@ def data(tmp_path_factory):
 def model_dir(data, tmp_path_factory):
     """A small random-init model exported the way training exports it."""
     texts = pq.read_table(data[0], columns=["text"]).column("text").to_pylist()
-    tokenizer = train_tokenizer(texts, vocab_size=200)
-    torch.manual_seed(0)
-    config = ModelConfig(
-        text=TextEncoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        ),
-        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
-        embed_dim=32,
-    )
     out = tmp_path_factory.mktemp("model")
-    export_model(RetrievalModel(config).eval(), tokenizer, out)
+    export_random_model(texts, out)
     return str(out)
 
 
