@@ -20,23 +20,24 @@ scored alike whatever labels they trained on. Prints one JSON with the figures a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
 import time
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 
-from oclear_ray.config import TrainConfig
+from oclear_ray.config import TrainConfig, load_config
 from oclear_ray.evaluate import embed_in_process, exact_search
 from oclear_ray.export import load_doc_encoder, load_query_encoder
 from oclear_ray.govern import GovernConfig, govern, load_class_map, score_against_truth
 from oclear_ray.runtime import init_ray
-from oclear_ray.synth import SynthConfig, generate
+from oclear_ray.synth import SynthConfig, generate, more_photos
 from oclear_ray.train import fit
 
 
@@ -50,6 +51,14 @@ def parse_args():
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--config", default=None, help="training YAML (default: the CPU default)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training config override, e.g. data.doc_as_query_rate=0.5 (YAML value)",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument(
         "--rescore", action="store_true", help="score the models already trained in --workdir"
@@ -78,22 +87,43 @@ def clean_catalog(data: str, truth: dict) -> str:
     return path
 
 
+SEEN = "seen_class_photos"  # held-out photos of the training queries' classes
+
+
+def seen_class_photos(data: str, truth: dict) -> dict:
+    """DATA/seen_class_photos.parquet (drawn once): two fresh photos of each product that has a
+    training query, in no training set. Returns {query_id: product_id}."""
+    path, index = os.path.join(data, f"{SEEN}.parquet"), os.path.join(data, f"{SEEN}.json")
+    if not os.path.exists(index):
+        trained = pq.read_table(os.path.join(data, "queries.parquet"), columns=["query_id"])
+        products = sorted({truth["query_product"][q] for q in trained.column(0).to_pylist()})
+        made = more_photos(path, SynthConfig(**truth["config"]), products, per_product=2)
+        with open(index, "w") as f:
+            json.dump(made, f)
+    with open(index) as f:
+        return json.load(f)
+
+
 def product_recall(model_dir: str, data: str, truth: dict, ks=(1, 5, 10)) -> dict:
-    """Recall@k of the eval query photos (held-out queries): a hit is a document of the
-    query's product; ``train_queries_recall@k``: the same for the training query photos (seen
-    in training). Also ``doc_recall@1``: each catalog document (of a product with two or
-    more) as a query against the others, which shows how the embedding groups products."""
+    """Recall@k of the eval query photos (held-out queries, of classes no training query
+    shows): a hit is a document of the query's product. ``seen_recall@k``: the same for new
+    photos of the classes the training queries show (``seen_class_photos``);
+    ``train_queries_recall@k``: for the training query photos themselves. Also
+    ``doc_recall@1``: each catalog document (of a product with two or more) as a query
+    against the others, which shows how the embedding groups products."""
     torch.set_num_threads(2)
     docs = pq.read_table(os.path.join(data, "catalog.parquet")).to_pydict()
     xb = embed_in_process(load_doc_encoder(model_dir), docs["image"], docs["text"], doc=True)
     doc_product = np.array([truth["doc_product"][d] for d in docs["doc_id"]], dtype=object)
+    product_of = {**truth["query_product"], **seen_class_photos(data, truth)}
     query_encoder = load_query_encoder(model_dir)
     out = {}
-    for name, prefix in (("eval_queries", ""), ("queries", "train_queries_")):
+    sets = (("eval_queries", ""), (SEEN, "seen_"), ("queries", "train_queries_"))
+    for name, prefix in sets:
         queries = pq.read_table(os.path.join(data, f"{name}.parquet")).to_pydict()
         xq = embed_in_process(query_encoder, queries["image"], doc=False)
         _, I = exact_search(xq, xb, max(ks))
-        query_product = np.array([truth["query_product"][q] for q in queries["query_id"]])
+        query_product = np.array([product_of[q] for q in queries["query_id"]])
         hits = doc_product[I] == query_product.astype(object)[:, None]
         out.update({f"{prefix}recall@{k}": float(hits[:, :k].any(1).mean()) for k in ks})
     _, J = exact_search(xb, xb, 2)
@@ -122,6 +152,7 @@ def train_and_score(name, cfg, catalog, data, work, truth, class_map=None) -> di
         classes=result.num_classes,
         class_map=result.class_map_version,
         steps=cfg.total_steps,
+        data=dataclasses.asdict(cfg.data),
         minutes=round((time.time() - started) / 60, 2),
     )
     print(name, json.dumps(out), flush=True)
@@ -150,7 +181,7 @@ def ratios(runs: dict) -> dict:
             "c/a": c[key] / a[key] if a[key] else None,
         }
         for key in a
-        if key.startswith(("recall@", "doc_recall@", "train_queries_recall@"))
+        if key.startswith(("recall@", "seen_recall@", "doc_recall@", "train_queries_recall@"))
     }
 
 
@@ -190,8 +221,7 @@ def run_training(name: str, args, work: str) -> dict:
     data = os.path.join(work, "data")
     with open(os.path.join(data, "truth.json")) as f:
         truth = json.load(f)
-    cfg = TrainConfig().with_total_steps(args.steps)
-    cfg = replace(cfg, run=replace(cfg.run, workers=args.workers))
+    cfg = training_config(args)
     catalog = os.path.join(data, "catalog.parquet")
     class_map = None
     if name == "a_clean":
@@ -202,6 +232,15 @@ def run_training(name: str, args, work: str) -> dict:
     out = train_and_score(name, cfg, catalog, data, work, truth, class_map=class_map)
     _save(work, name, out)
     return out
+
+
+def training_config(args) -> TrainConfig:
+    """The recipe all three runs share: --config plus --set overrides, --steps, --workers."""
+    overrides = {"run.workers": args.workers}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return load_config(args.config, overrides).with_total_steps(args.steps)
 
 
 def _save(work: str, name: str, report: dict) -> None:

@@ -63,7 +63,7 @@ FILES = {
 # An aliased product has at least this many documents, so both its labels hold >= 2 of them.
 ALIAS_MIN_DOCS = 6
 # Seed streams: the plan, then one generator per document and per query.
-_PLAN, _DOCS, _QUERIES = 0, 1, 2
+_PLAN, _DOCS, _QUERIES, _MORE_PHOTOS = 0, 1, 2, 3
 
 
 class _Part(NamedTuple):
@@ -1053,3 +1053,30 @@ def generate(
     with _atomic(paths["truth"]) as tmp:
         tmp.write_text(json.dumps(truth, indent=1) + "\n")
     return {"paths": {key: str(path) for key, path in paths.items()}, "counts": truth["counts"]}
+
+
+def more_photos(
+    path: str | os.PathLike, config: SynthConfig, products: list[str], per_product: int = 1
+) -> dict[str, str]:
+    """Write fresh query photos of the given products (ids of truth.json) to path: new draws
+    (their own seed stream), in neither queries.parquet nor eval_queries.parquet, labelled
+    like them; ids ``x000000``, ... With the training queries' products, they are held-out
+    photos of classes seen in training. Returns {query_id: product_id}."""
+    plan = _plan(config)
+    index = {pid: p for p, pid in enumerate(_ids("p", config.classes))}
+    chosen = [pid for pid in products for _ in range(per_product)]
+    picked = [index[pid] for pid in chosen]
+    ids = _ids("x", len(picked))
+
+    def rows() -> Iterator[dict]:
+        for i, p in enumerate(picked):
+            rng = _rng(config.seed, _MORE_PHOTOS, i)
+            yield {
+                "query_id": ids[i],
+                "text": None,
+                "image": _query_image(plan.products[p], rng, config.image_size),
+                "label": plan.label_names[plan.canonical[p]],
+            }
+
+    _write_parquet(Path(path), QUERY_SCHEMA, rows(), config.row_group_size, _ticker(None))
+    return dict(zip(ids, chosen, strict=True))

@@ -255,6 +255,20 @@ def test_query_photos_are_hard_but_learnable(small):
     assert shot_r1 - photo_r1 >= 0.2
 
 
+def test_more_photos_are_new_photos_of_the_given_products(small, tmp_path):
+    seen = sorted({small.truth["query_product"][q["query_id"]] for q in small.train})
+    made = synth.more_photos(tmp_path / "more.parquet", SMALL, seen, per_product=2)
+    rows = pq.read_table(tmp_path / "more.parquet").to_pylist()
+    assert [r["query_id"] for r in rows] == list(made) and len(rows) == 2 * len(seen)
+    assert sorted(set(made.values())) == seen
+    for row in rows:
+        assert row["label"] == small.products[made[row["query_id"]]]["canonical_label"]
+    old = {q["image"] for q in small.train + small.eval}
+    assert not old & {r["image"] for r in rows}
+    synth.more_photos(tmp_path / "again.parquet", SMALL, seen, per_product=2)
+    assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "more.parquet").read_bytes()
+
+
 def test_titles_name_the_attributes_and_some_are_empty(small):
     empty = [d for d in small.docs if d["text"] == ""]
     assert 0 < len(empty) < 0.15 * len(small.docs)
