@@ -17,6 +17,7 @@ import yaml
 from oclear_ray.model import ModelConfig
 
 MARGINS = ("cosface", "arcface")
+DOC_QUERY_VIEWS = ("photo", "outline")
 
 
 @dataclass(kw_only=True)
@@ -27,8 +28,14 @@ class HeadConfig:
     m: float = 0.2
     scale: float = 32.0
     sample_rate: float = 1.0
+    #: None: one softmax over every row of a fuse step (image-only documents, query photos, fused
+    #: documents, text queries). A number w: the image rows' loss plus w times the text rows' loss,
+    #: so adding the text rows does not dilute the query photos' share of the gradient
+    text_weight: float | None = None
 
     def __post_init__(self):
+        if self.text_weight is not None and self.text_weight < 0:
+            raise ValueError(f"head.text_weight must be >= 0 or null, got {self.text_weight}")
         if self.margin not in MARGINS:
             raise ValueError(f"head.margin must be one of {MARGINS}, got {self.margin!r}")
         if not 0.0 < self.sample_rate <= 1.0:
@@ -49,11 +56,17 @@ class DataConfig:
     #: keep decoded images in the Ray object store between epochs (turn off for catalogs
     #: larger than the object store: they then stream from storage every epoch)
     cache: bool = True
-    #: also train the query tower on document images drawn as user photos (for classes that have
-    #: documents but no query)
+    #: also train the query tower on views of document images (for classes that have documents
+    #: but no query): ``doc_query_view`` "photo" (a user's photo of the item) or "outline" (its dark
+    #: outlines, thickened, on white: a line drawing)
     doc_as_query_rate: float = 0.0
+    doc_query_view: str = "photo"
 
     def __post_init__(self):
+        if self.doc_query_view not in DOC_QUERY_VIEWS:
+            raise ValueError(
+                f"data.doc_query_view must be one of {DOC_QUERY_VIEWS}, got {self.doc_query_view!r}"
+            )
         for name in ("batch_size", "query_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -3,8 +3,8 @@
 ``PrepareBatches`` decodes and tokenises once (it loads the tokenizer once per actor);
 ``augment_docs`` / ``augment_queries`` draw new views every epoch. ``photo_view``
 turns a clean catalog image into something like a user's photo of it (crop, rotation, colour,
-blur, grey, occlusion), which trains the query tower on every class that has documents, also
-on classes no query photo was ever taken of.
+blur, grey, occlusion), ``outline_view`` into a line drawing of it; either trains the query
+tower on every class that has documents, also on classes no query was ever taken of.
 """
 
 from __future__ import annotations
@@ -49,6 +49,19 @@ def photo_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img
 
 
+def outline_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A line drawing of a catalog image: its dark pixels (the outlines of a drawn item), a
+    little thickened, black on white; mildly cropped."""
+    grey = np.asarray(ImageOps.grayscale(img), dtype=np.float32)
+    ink = Image.fromarray(((grey < float(rng.uniform(40, 80))) * 255).astype(np.uint8))
+    if rng.random() < 0.7:
+        ink = ink.filter(ImageFilter.MaxFilter(3))
+    return _crop(ImageOps.invert(ink).convert("RGB"), rng, (0.85, 1.0))
+
+
+DOC_QUERY_VIEWS = {"photo": photo_view, "outline": outline_view}
+
+
 class PrepareBatches:
     """``map_batches`` class, run once per row: contract rows -> model-ready numpy arrays.
 
@@ -85,9 +98,11 @@ def _views(pixels: np.ndarray, make_view, rng: np.random.Generator) -> np.ndarra
     return np.stack(out) if out else pixels
 
 
-def augment_docs(batch: dict, *, augment: bool, doc_as_query_rate: float) -> dict:
-    """Per-epoch document views, plus photo views of a share of them as extra query samples
-    (``query_image`` where ``has_query_image``)."""
+def augment_docs(
+    batch: dict, *, augment: bool, doc_as_query_rate: float, view: str = "photo"
+) -> dict:
+    """Per-epoch document views, plus query-like views (``view``: "photo" or "outline") of a
+    share of them as extra query samples (``query_image`` where ``has_query_image``)."""
     rng = np.random.default_rng()
     pixels = batch["image"]
     if augment:
@@ -95,7 +110,7 @@ def augment_docs(batch: dict, *, augment: bool, doc_as_query_rate: float) -> dic
     use = rng.random(len(pixels)) < doc_as_query_rate
     query = np.zeros_like(pixels)
     if use.any():
-        query[use] = _views(pixels[use], photo_view, rng)
+        query[use] = _views(pixels[use], DOC_QUERY_VIEWS[view], rng)
     batch["query_image"], batch["has_query_image"] = query, use
     return batch
 

@@ -149,6 +149,16 @@ class ImageStates(NamedTuple):
     tokens: torch.Tensor
 
 
+class PairEmbeddings(NamedTuple):
+    """A training pass's embeddings [B, D]: image-only and fused documents, query photos, and
+    the documents' own text encoded as text queries (rows without text are meaningless)."""
+
+    doc: torch.Tensor
+    fused: torch.Tensor | None
+    query: torch.Tensor
+    text: torch.Tensor | None
+
+
 class TextStates(NamedTuple):
     """Text tower output: token states [B, T, H], bool mask [B, T], masked-mean pooled [B, H]."""
 
@@ -384,23 +394,25 @@ class RetrievalModel(nn.Module):
         query_images: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Training pass: (image-only document embeddings, fused document embeddings or None
-        without ``input_ids``, query-photo embeddings).
+    ) -> PairEmbeddings:
+        """Training pass: image-only and fused document embeddings, query-photo embeddings, and
+        the documents' text as text queries (fused and text are None without ``input_ids``).
 
         One backbone pass over documents and query photos together, so that batch-norm
-        statistics mix both domains as the running statistics used at inference do; then each
-        side's head.
+        statistics mix both domains as the running statistics used at inference do; one text
+        pass, read by the fusion and the text query head alike; then each side's head.
         """
         n = doc_images.shape[0]
         image = self.image_encoder(torch.cat([doc_images, query_images]))
         docs = ImageStates(image.pooled[:n], image.tokens[:n])
         doc = F.normalize(self.doc_image_head(docs.pooled), dim=-1)
-        fused = None
+        fused = text_query = None
         if input_ids is not None:
-            fused, _ = self.fusion(doc, docs, self._text(input_ids, attention_mask))
+            text = self._text(input_ids, attention_mask)
+            fused, _ = self.fusion(doc, docs, text)
+            text_query = F.normalize(self.query_text_head(text.pooled), dim=-1)
         query = F.normalize(self.query_image_head(image.pooled[n:]), dim=-1)
-        return doc, fused, query
+        return PairEmbeddings(doc, fused, query, text_query)
 
     def _require(self, part: str) -> None:
         if part not in self.parts:

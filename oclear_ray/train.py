@@ -72,35 +72,46 @@ def _make_batch(docs: dict, queries: dict | None, pre, device) -> Batch:
         has = queries["has_image"].bool()
         q_images.append(queries["image"][has])
         q_labels.append(queries["label"][has])
+    # rows are padded to max_text_length; trailing columns that are padding in every row change
+    # nothing (masked out everywhere) and cost the text tower most of its time
+    width = max(1, int(docs["attention_mask"].sum(1).max()))
     return Batch(
         doc_images=_normalise(docs["image"], pre, device),
-        doc_ids=docs["input_ids"].to(device),
-        doc_mask=docs["attention_mask"].to(device),
+        doc_ids=docs["input_ids"][:, :width].to(device),
+        doc_mask=docs["attention_mask"][:, :width].to(device),
         doc_labels=docs["label"].to(device),
         query_images=_normalise(torch.cat(q_images), pre, device),
         query_labels=torch.cat(q_labels).to(device),
     )
 
 
-def train_step(model, head, batch: Batch, *, towers: str) -> torch.Tensor:
+def train_step(
+    model, head, batch: Batch, *, towers: str, text_weight: float | None = None
+) -> torch.Tensor:
     """Embed documents and query views; one margin softmax over all of them (they share the
     class centres).
 
     ``towers="image"`` (alignment stage) leaves the text out; ``"all"`` adds the documents fused
     with their text, and trains the text query head on the documents' own titles. The image-only
     document embedding stays in the loss in both, so documents without text, and the image
-    tower under the fusion, stay aligned.
+    tower under the fusion, stay aligned. ``text_weight`` (``head.text_weight``): None puts all
+    rows in one softmax; a number adds the text rows' loss, so weighted, to the image rows' loss.
     """
     use_text = towers == "all"
     ids, mask = (batch.doc_ids, batch.doc_mask) if use_text else (None, None)
-    doc, fused, query = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
-    embs, labels = [doc, query], [batch.doc_labels, batch.query_labels]
+    out = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
+    embs, labels = [out.doc, out.query], [batch.doc_labels, batch.query_labels]
     has_text = batch.doc_mask.bool().any(1)
-    if use_text and has_text.any():
-        embs += [fused[has_text]]
-        embs += [model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text])]
-        labels += [batch.doc_labels[has_text]] * 2
-    return head(torch.cat(embs), torch.cat(labels))
+    if not use_text:
+        return head(torch.cat(embs), torch.cat(labels))
+    text_embs = [out.fused[has_text], out.text[has_text]]
+    text_labels = [batch.doc_labels[has_text]] * 2
+    if text_weight is None:
+        return head(torch.cat(embs + text_embs), torch.cat(labels + text_labels))
+    # every rank calls the head twice (it gathers rows across ranks), even with no text rows
+    return head(torch.cat(embs), torch.cat(labels)) + text_weight * head(
+        torch.cat(text_embs), torch.cat(text_labels)
+    )
 
 
 def _head_optim_state(head, head_optim) -> dict:
@@ -175,7 +186,7 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     )
     head = ShardedMarginSoftmax(head_cfg).to(device)
     if cfg.run.fsdp and head.world_size > 1:
-        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair", "encode_query"))
+        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",))
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -237,7 +248,9 @@ def train_loop_per_worker(config: dict) -> None:
         stage = cfg.stage_at(progress)
         _set_lr(cfg, step, progress, optim, head_optim)
         with autocast:
-            loss = train_step(model, head, batch, towers=stage.towers)
+            loss = train_step(
+                model, head, batch, towers=stage.towers, text_weight=cfg.head.text_weight
+            )
         loss.backward()
         optim.step(), head_optim.step()
         optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
@@ -387,7 +400,8 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
             resample, fn_kwargs={"weights": weights}, batch_format="numpy", num_cpus=0.25
         )
     if view == "doc":
-        fn, kwargs = augment_docs, {"doc_as_query_rate": cfg.data.doc_as_query_rate}
+        fn = augment_docs
+        kwargs = {"doc_as_query_rate": cfg.data.doc_as_query_rate, "view": cfg.data.doc_query_view}
     else:
         fn, kwargs = augment_queries, {}
     kwargs["augment"] = cfg.data.augment

@@ -64,3 +64,17 @@ def test_a_time_budget_moves_the_schedule_on():
 def test_bad_values_are_named(data, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(data)
+
+
+def test_fusion_options_validate():
+    cfg = TrainConfig.from_dict(
+        {
+            "head": {"text_weight": 0.5},
+            "data": {"doc_as_query_rate": 0.5, "doc_query_view": "outline"},
+        }
+    )
+    assert (cfg.head.text_weight, cfg.data.doc_query_view) == (0.5, "outline")
+    with pytest.raises(ValueError, match="text_weight"):
+        TrainConfig.from_dict({"head": {"text_weight": -1.0}})
+    with pytest.raises(ValueError, match="doc_query_view"):
+        TrainConfig.from_dict({"data": {"doc_query_view": "sketch"}})

@@ -236,8 +236,16 @@ def test_config_round_trips_through_plain_dicts():
 @torch.no_grad()
 def test_encode_pair_matches_the_encode_methods(model, batch):
     images, ids, mask = batch
-    doc, fused, query = model.encode_pair(images, images.flip(0), ids, mask)
+    doc, fused, query, text = model.encode_pair(images, images.flip(0), ids, mask)
     torch.testing.assert_close(doc, model.encode_doc(images), atol=1e-6, rtol=0)
     torch.testing.assert_close(fused, model.encode_doc(images, ids, mask), atol=1e-6, rtol=0)
-    assert model.encode_pair(images, images, None, None)[1] is None
+    has_text = mask.bool().any(1)
+    torch.testing.assert_close(
+        text[has_text],
+        model.encode_query(input_ids=ids[has_text], attention_mask=mask[has_text]),
+        atol=1e-6,
+        rtol=0,
+    )
+    image_only = model.encode_pair(images, images, None, None)
+    assert image_only.fused is None and image_only.text is None
     torch.testing.assert_close(query, model.encode_query(images.flip(0)), atol=1e-6, rtol=0)

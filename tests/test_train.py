@@ -1,20 +1,108 @@
-"""The train stage end to end on a local Ray: FSDP2 + sharded head on 2 workers, a worker killed
-mid-run and recovered from its checkpoint, then a resume of that run with 1 worker."""
+"""The train stage: the step's inputs and loss (no Ray), then end to end on a local Ray: FSDP2 +
+sharded head on 2 workers, a worker killed mid-run and recovered from its checkpoint, then a
+resume of that run with 1 worker."""
 
+import dataclasses
 import json
 import os
 import signal
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
 from oclear_ray.config import TrainConfig
 from oclear_ray.export import load_doc_encoder, load_query_encoder
+from oclear_ray.ingest import augment_docs, outline_view
+from oclear_ray.model import RetrievalModel
 from oclear_ray.synth import SynthConfig, generate
-from oclear_ray.train import fit
+from oclear_ray.train import _make_batch, fit, train_step
+from tests.tiny import TINY_MODEL
 
-pytestmark = pytest.mark.ray
+B, T = 3, 6
+
+
+@pytest.fixture(scope="module")
+def step_inputs():
+    """A small model (eval mode: no dropout), a 3-class head and one worker's raw batch."""
+    torch.manual_seed(0)
+    cfg = TrainConfig.from_dict(
+        {"model": {**TINY_MODEL, "text": {**TINY_MODEL["text"], "vocab_size": 50}}}
+    )
+    model = RetrievalModel(cfg.model).eval()
+    head = ShardedMarginSoftmax(ClassifierConfig(num_classes=3, dim=cfg.model.embed_dim))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 50, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1] = 0  # no text
+    mask[2, 3:] = 0
+    pad = torch.zeros(B, 10, dtype=torch.long)  # every row padded past the longest text
+    docs = {
+        "image": torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8, generator=gen),
+        "input_ids": torch.cat([ids * mask, pad], 1),
+        "attention_mask": torch.cat([mask, pad], 1),
+        "label": torch.tensor([0, 1, 2]),
+        "has_query_image": torch.tensor([True, False, True]),
+        "query_image": torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8, generator=gen),
+    }
+    return model, head, docs, mask
+
+
+@torch.no_grad()
+def test_a_batch_drops_padding_columns_and_the_loss_stays(step_inputs):
+    model, head, docs, mask = step_inputs
+    batch = _make_batch(docs, None, model.config.preprocess, torch.device("cpu"))
+    assert batch.doc_ids.shape == (B, T) and torch.equal(batch.doc_mask, mask)
+    assert batch.query_images.shape[0] == 2  # the documents' own query views
+    padded = dataclasses.replace(batch, doc_ids=docs["input_ids"], doc_mask=docs["attention_mask"])
+    for towers in ("image", "all"):
+        torch.testing.assert_close(
+            train_step(model, head, batch, towers=towers),
+            train_step(model, head, padded, towers=towers),
+        )
+
+
+@torch.no_grad()
+def test_text_weight_adds_the_text_rows_loss_to_the_image_rows_loss(step_inputs):
+    model, head, docs, _ = step_inputs
+    batch = _make_batch(docs, None, model.config.preprocess, torch.device("cpu"))
+    image = train_step(model, head, batch, towers="image")
+    torch.testing.assert_close(train_step(model, head, batch, towers="all", text_weight=0.0), image)
+    half = train_step(model, head, batch, towers="all", text_weight=0.5)
+    one = train_step(model, head, batch, towers="all", text_weight=1.0)
+    torch.testing.assert_close(one - image, 2 * (half - image))
+    assert (one - image) > 0  # the text rows' loss is a positive cross-entropy
+    pooled = train_step(model, head, batch, towers="all")  # one softmax: a mean over all rows
+    assert not torch.isclose(pooled, one)
+
+
+def test_outline_view_draws_the_dark_lines_black_on_white():
+    img = np.full((32, 32, 3), 255, np.uint8)
+    img[4:28, 4:28] = (250, 200, 0)  # a yellow square ...
+    img[4:28, 4:6] = img[4:28, 26:28] = 0  # ... with black left and right edges
+    out = np.asarray(outline_view(Image.fromarray(img), np.random.default_rng(0)))
+    assert out.shape == img.shape
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()  # grey
+    ink = out[..., 0] < 128
+    assert ink[:, :16].any() and ink[:, 16:].any()  # both edges drawn
+    assert (out[8:24, 10:22] > 200).all()  # the colour fill is paper
+
+
+def test_augment_docs_adds_outline_query_views():
+    pixels = np.zeros((8, 16, 16, 3), np.uint8)
+    pixels[:, 4:12, 4:12] = 255
+    batch = {"image": pixels.copy(), "label": np.arange(8)}
+    out = augment_docs(batch, augment=False, doc_as_query_rate=1.0, view="outline")
+    assert out["has_query_image"].all() and np.array_equal(out["image"], pixels)
+    views = out["query_image"]
+    assert views.shape == pixels.shape and (views[..., 0] == views[..., 2]).all()
+    assert (views < 128).any() and (views > 200).any()  # lines on paper
+    none = augment_docs(dict(batch), augment=False, doc_as_query_rate=0.0, view="outline")
+    assert not none["has_query_image"].any() and not none["query_image"].any()
 
 
 def small_config(*, workers: int, fuse_steps: int) -> TrainConfig:
@@ -73,6 +161,7 @@ def _kill_a_worker_after_a_checkpoint(run_dir, stop: threading.Event, killed: li
         time.sleep(0.2)
 
 
+@pytest.mark.ray
 def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, tmp_path):
     data = tmp_path / "data"
     generate(data, SynthConfig(docs=160, classes=24, queries_per_class=2, seed=3))
