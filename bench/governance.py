@@ -6,15 +6,19 @@
 
 Draws a catalog with ``oclear synth`` (30 % label noise, aliased and broad labels), runs
 ``govern`` on it and scores the class map against truth.json (noise, merge and split
-precision/recall). Then trains three times with the same budget and evaluates R@1 of the
-held-out query photos against the catalog (image + text document embeddings):
+precision/recall). Then trains three times with the same recipe and budget (``RECIPE``,
+``--steps``) and evaluates R@1 of the held-out query photos against the catalog (image + text
+document embeddings):
 
   (a) clean labels (the noise undone from truth.json; aliases and broad labels kept),
   (b) noisy labels, no governance,
   (c) noisy labels with the governance class map.
 
 A hit is a retrieved document of the query's product (truth.json), so the three runs are
-scored alike whatever labels they trained on. Prints one JSON with the figures and c/a.
+scored alike whatever labels they trained on. The held-out queries are of classes no training
+query shows; ``seen_recall@k`` scores fresh photos of the classes the training queries show.
+Prints one JSON with the figures and c/a. Each stage (``--stage``) saves WORK/STAGE.json, so a
+run can be done one step at a time (on a shared machine, one lock per training).
 """
 
 from __future__ import annotations
