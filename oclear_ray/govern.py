@@ -10,8 +10,10 @@ over-broad classes. ``govern`` turns them into a versioned class map that traini
    threshold (FAISS k-NN, union-find); a cluster is one thing, whatever its labels say;
 3. each cluster gets an owner label (majority vote; a tie goes to the label that has the
    cluster as its main place, then to the label with the larger share of its documents there);
-4. **merge**: a label whose main cluster is owned by another label, or whose home centre is
-   nearly the same as another's, is an alias of it;
+4. **merge**: a label whose main cluster is owned by another label (or shared with another
+   label that does not own it either), or whose home centre is nearly the same as another's,
+   is an alias of it, when the titles of the two agree too (look-alike products cluster
+   together: their titles tell them apart, e.g. by the printed mark);
    **split**: a class owning clusters that form two or more separate groups (by centre
    similarity), each with enough documents, covers several things and is split;
    **noise**: a document in a cluster owned by another class is relabelled to that class (the
