@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -34,6 +33,11 @@ from oclear_ray.serve import (
 from serve.api import Query, SearchService, build_api, search_batch
 
 log = logging.getLogger("ray.serve")
+
+# Serve's fast path, set in the environment of the Ray cluster before it starts: HAProxy as the
+# HTTP ingress in front of the ingress replicas (no Python proxy hop) and Serve's
+# throughput-optimized settings (gRPC between replicas, user code on the replica's loop).
+FAST_SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 DEAD_REPLICA = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
@@ -53,6 +57,8 @@ class AppArgs:
     model_dir: str | None = None
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
+    encoder_wait_timeout_s: float = 0.0
+    concurrent_batches: int = 2
     torch_threads: int = 1
     shard_replicas: int = 1
     ingress_replicas: int = 1
@@ -63,12 +69,19 @@ class AppArgs:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        counts = ("max_batch_size", "torch_threads", "shard_replicas", "ingress_replicas")
+        counts = (
+            "max_batch_size",
+            "concurrent_batches",
+            "torch_threads",
+            "shard_replicas",
+            "ingress_replicas",
+        )
         for name in (*counts, "max_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        for name in ("batch_wait_timeout_s", "encoder_wait_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("encoder_cpus", "shard_cpus", "ingress_cpus"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -158,7 +171,8 @@ class IndexShard:
     def info(self) -> dict:
         return self.searcher.info
 
-    def search(self, xq: np.ndarray, k: int, category: str | None = None):
+    async def search(self, xq: np.ndarray, k: int, category: str | None = None):
+        # on the replica's loop: a shard search is short, a thread hop per call costs more
         return self.searcher.search(xq, k, category)
 
     def check_health(self) -> None:
@@ -186,9 +200,9 @@ async def call(method, *args):
 class SearchIngress:
     """Decodes uploads, encodes, fans out to the shards, merges; serves the page and the API.
 
-    Concurrent queries are batched here too (``answer``), so that a batch costs one encoder
-    call and one call per shard. The documents table and the shards' info load in a thread:
-    searches answer 503 until then.
+    Concurrent queries are batched here too (``answer_batch``), so that a batch costs one
+    encoder call and one call per shard. The documents table and the shards' info load in the
+    background: searches answer 503 until then.
     """
 
     def __init__(self, encoder, shards: list, args: dict, model: dict, index: dict):
@@ -204,17 +218,26 @@ class SearchIngress:
         self.service = SearchService(
             limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
             image_size=int(model["model"]["preprocess"]["image_size"]),
-            answer=self.answer,
+            answer=self.answer_one,
             info=info,
         )
-        self.answer.set_max_batch_size(self.args.max_batch_size)
-        self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.loader = threading.Thread(target=self._load, daemon=True)
-        self.loader.start()
+        if self.args.max_batch_size > 1:  # else unbatched: each query on its own
+            self.service.answer = serve.batch(
+                max_batch_size=self.args.max_batch_size,
+                batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+                max_concurrent_batches=self.args.concurrent_batches,
+            )(self.answer_batch)
+        # the constructor runs on the replica's event loop: load there, the file reads in threads
+        self.loader = asyncio.get_running_loop().create_task(self._load())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
-    async def answer(self, queries: list[Query]) -> list:
+    async def answer_batch(self, queries: list[Query]) -> list:
+        """Queries that came together (``serve.batch`` of ``max_batch_size``): one encoder call,
+        one call per shard; up to ``concurrent_batches`` batches in flight."""
         return await search_batch(queries, self.encode, self.search)
+
+    async def answer_one(self, query: Query):
+        """One query on its own (``max_batch_size`` 1), as many at once as come."""
+        return (await search_batch([query], self.encode, self.search))[0]
 
     async def encode(self, items: list) -> np.ndarray:
         return await call(self.encoder.encode, items)
@@ -222,23 +245,24 @@ class SearchIngress:
     async def search(self, xq: np.ndarray, k: int, category: str | None):
         return await asyncio.gather(*(call(s.search, xq, k, category) for s in self.shards))
 
-    def _load(self) -> None:
+    async def _load(self) -> None:
         from oclear_ray.search import load_documents, read_manifest
 
         try:
             paths = self.args.paths
             expected = self.service.info["model_version"]
-            manifest = read_manifest(paths.index_dir, expected)
-            documents = load_documents(paths.index_dir, manifest)
-            infos = [s.info.remote().result() for s in self.shards]
+            manifest = await asyncio.to_thread(read_manifest, paths.index_dir, expected)
+            documents = await asyncio.to_thread(load_documents, paths.index_dir, manifest)
+            infos = await asyncio.gather(*(s.info.remote() for s in self.shards))
             for shard in infos:
                 if shard["index_version"] != manifest["version"]:
                     raise RuntimeError(
                         f"shard {shard['shard']} serves index version {shard['index_version']}, "
                         f"the ingress {manifest['version']}: redeploy"
                     )
-            thumbs = Thumbnails(documents, embedded_catalog(paths.workdir))
-            self.service.loaded(documents, thumbs, infos)
+            catalog = await asyncio.to_thread(embedded_catalog, paths.workdir)
+            thumbs = await asyncio.to_thread(Thumbnails, documents, catalog)
+            self.service.loaded(documents, thumbs, list(infos))
         except Exception as exc:  # reported by /v1/health and check_health
             log.exception("loading the index failed")
             self.service.failed(exc)
@@ -261,7 +285,7 @@ def build_app(args: dict):
     version = model["model_version"]
     batch = {
         "max_batch_size": app_args.max_batch_size,
-        "batch_wait_timeout_s": app_args.batch_wait_timeout_s,
+        "batch_wait_timeout_s": app_args.encoder_wait_timeout_s,
     }
     encoder = QueryEncoder.options(ray_actor_options={"num_cpus": app_args.encoder_cpus}).bind(
         paths.model_dir, version, batch=batch, threads=app_args.torch_threads

@@ -266,6 +266,24 @@ def test_search_batch_answers_each_query_as_if_alone(work):
         np.testing.assert_allclose(D, D1, atol=1e-5)
 
 
+def test_app_args_convert_yaml_values_and_refuse_bad_ones():
+    from serve.app import AppArgs
+
+    args = AppArgs.from_dict({"max_batch_size": "8", "encoder_wait_timeout_s": "0.002"})
+    assert (args.max_batch_size, args.encoder_wait_timeout_s) == (8, 0.002)
+    bad = [
+        {"max_batch_size": 0},
+        {"batch_wait_timeout_s": -0.1},
+        {"encoder_wait_timeout_s": -1.0},
+        {"encoder_cpus": 0.0},
+    ]
+    for values in bad:
+        with pytest.raises(ValueError, match=next(iter(values))):
+            AppArgs(**values)
+    with pytest.raises(ValueError, match="unknown app args: colour"):
+        AppArgs.from_dict({"colour": "red"})
+
+
 def test_config_yaml_deploys_the_app_builder_with_its_deployments(work):
     import yaml
     from ray.serve._private.build_app import build_app as build_graph
