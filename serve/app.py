@@ -58,7 +58,6 @@ class AppArgs:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     encoder_wait_timeout_s: float = 0.0
-    concurrent_batches: int = 2
     torch_threads: int = 1
     shard_replicas: int = 1
     ingress_replicas: int = 1
@@ -69,13 +68,7 @@ class AppArgs:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        counts = (
-            "max_batch_size",
-            "concurrent_batches",
-            "torch_threads",
-            "shard_replicas",
-            "ingress_replicas",
-        )
+        counts = ("max_batch_size", "torch_threads", "shard_replicas", "ingress_replicas")
         for name in (*counts, "max_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -200,8 +193,8 @@ async def call(method, *args):
 class SearchIngress:
     """Decodes uploads, encodes, fans out to the shards, merges; serves the page and the API.
 
-    Concurrent queries are batched here too (``answer_batch``), so that a batch costs one
-    encoder call and one call per shard. The documents table and the shards' info load in the
+    Concurrent queries are batched here too (``answer``), so that a batch costs one encoder
+    call and one call per shard. The documents table and the shards' info load in the
     background: searches answer 503 until then.
     """
 
@@ -218,25 +211,20 @@ class SearchIngress:
         self.service = SearchService(
             limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
             image_size=int(model["model"]["preprocess"]["image_size"]),
-            answer=self.answer_one,
+            answer=self.answer if self.args.max_batch_size > 1 else self.answer_one,
             info=info,
         )
-        if self.args.max_batch_size > 1:  # else unbatched: each query on its own
-            self.service.answer = serve.batch(
-                max_batch_size=self.args.max_batch_size,
-                batch_wait_timeout_s=self.args.batch_wait_timeout_s,
-                max_concurrent_batches=self.args.concurrent_batches,
-            )(self.answer_batch)
+        self.answer.set_max_batch_size(self.args.max_batch_size)
+        self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         # the constructor runs on the replica's event loop: load there, the file reads in threads
         self.loader = asyncio.get_running_loop().create_task(self._load())
 
-    async def answer_batch(self, queries: list[Query]) -> list:
-        """Queries that came together (``serve.batch`` of ``max_batch_size``): one encoder call,
-        one call per shard; up to ``concurrent_batches`` batches in flight."""
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    async def answer(self, queries: list[Query]) -> list:
         return await search_batch(queries, self.encode, self.search)
 
     async def answer_one(self, query: Query):
-        """One query on its own (``max_batch_size`` 1), as many at once as come."""
+        """Unbatched (``max_batch_size`` 1): each query on its own, as many at once as come."""
         return (await search_batch([query], self.encode, self.search))[0]
 
     async def encode(self, items: list) -> np.ndarray:
