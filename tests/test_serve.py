@@ -26,10 +26,8 @@ from typer.testing import CliRunner
 from oclear_ray.cli import app as cli
 from oclear_ray.contract import Limits
 from oclear_ray.embed import DocEmbedder, part_path, write_part, write_summary
-from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, local_map, sync_index
-from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
-from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import SearchIndex, load_documents, read_manifest
 from oclear_ray.serve import (
     Paths,
@@ -45,30 +43,13 @@ from oclear_ray.serve import (
     query_pixels,
 )
 from oclear_ray.synth import SynthConfig, generate
-from oclear_ray.text import train_tokenizer
 from serve.api import Query, SearchService, build_api, search_batch
 from tests.conftest import jpeg_bytes, png_bytes
+from tests.tiny import export_random_model
 
 LIMITS = Limits(max_bytes=200_000, max_pixels=1_000_000)
 APP_ARGS = {"max_bytes": LIMITS.max_bytes, "max_pixels": LIMITS.max_pixels, "shard_replicas": 2}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def export_tiny(texts: list[str], out, seed: int) -> str:
-    """A small random-init model exported as training exports it; its model_version."""
-    tokenizer = train_tokenizer(texts, vocab_size=200)
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        text=TextEncoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        ),
-        preprocess=PreprocessConfig(image_size=32, max_text_length=16),
-        embed_dim=32,
-    )
-    return export_model(RetrievalModel(config).eval(), tokenizer, out)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def work(tmp_path_factory):
     catalog = str(root / "data" / "catalog.parquet")
     table = pq.read_table(catalog)
     model_dir = root / "work" / "train" / "model"
-    version = export_tiny(table.column("text").to_pylist(), model_dir, seed=0)
+    version = export_random_model(table.column("text").to_pylist(), model_dir, seed=0)
     workdir = str(root / "work")
     rows = DocEmbedder(str(model_dir), threads=1)(table)
     write_part(part_path(f"{workdir}/embed", 0), rows, version)
@@ -182,7 +163,7 @@ def test_shard_searchers_merged_equal_the_whole_index_and_filter_by_category(wor
 def test_version_mismatch_refuses_to_start(work, tmp_path):
     workdir, catalog = work
     other = tmp_path / "model"
-    export_tiny(catalog.column("text").to_pylist(), other, seed=1)
+    export_random_model(catalog.column("text").to_pylist(), other, seed=1)
     with pytest.raises(VersionMismatch, match="re-embed and re-index"):
         check_versions(Paths.of(workdir, str(other)))
     result = CliRunner().invoke(cli, ["serve", "--workdir", workdir, "--model-dir", str(other)])
