@@ -795,11 +795,17 @@ def text_features(table: pa.Table) -> np.ndarray:
     return tfidf(column_matrix(table, "text_counts"))
 
 
-def features(table: pa.Table, cfg: GovernConfig, model: np.ndarray | None = None) -> np.ndarray:
-    """The combined, L2-normalised document features (driver side: IDF needs every row)."""
+def features(
+    table: pa.Table,
+    cfg: GovernConfig,
+    model: np.ndarray | None = None,
+    text: np.ndarray | None = None,
+) -> np.ndarray:
+    """The combined, L2-normalised document features (driver side: IDF needs every row);
+    ``text``: the table's ``text_features`` when the caller already has them."""
     thumb, colour = column_matrix(table, "thumb"), column_matrix(table, "colour")
     image = combine([(thumb, 1.0), (colour, 1.0)])
-    text = impute_missing(text_features(table), image)
+    text = impute_missing(text_features(table) if text is None else text, image)
     blocks = [(text, cfg.text_weight), (thumb, cfg.image_weight), (colour, cfg.colour_weight)]
     if model is not None:
         blocks.append((model, cfg.model_weight))
@@ -841,7 +847,8 @@ def govern(
     table = content_table(ds, cfg)
     doc_ids, labels = table.column("doc_id").to_pylist(), table.column("label").to_pylist()
     model = model_vectors(ds, model_dir, doc_ids) if model_dir else None
-    decided = organise(features(table, cfg, model), labels, cfg, text=text_features(table))
+    text = text_features(table)
+    decided = organise(features(table, cfg, model, text), labels, cfg, text=text)
     class_map = build_class_map(doc_ids, labels, decided, cfg)
     summary = governance_report(class_map, labels, cfg)
     summary["inputs"] = {

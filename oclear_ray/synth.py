@@ -1064,6 +1064,9 @@ def more_photos(
     photos of classes seen in training. Returns {query_id: product_id}."""
     plan = _plan(config)
     index = {pid: p for p, pid in enumerate(_ids("p", config.classes))}
+    unknown = sorted(set(products) - set(index))
+    if unknown:
+        raise ValueError(f"no such products in this catalog: {', '.join(unknown[:5])}")
     chosen = [pid for pid in products for _ in range(per_product)]
     picked = [index[pid] for pid in chosen]
     ids = _ids("x", len(picked))

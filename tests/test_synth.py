@@ -267,6 +267,8 @@ def test_more_photos_are_new_photos_of_the_given_products(small, tmp_path):
     assert not old & {r["image"] for r in rows}
     synth.more_photos(tmp_path / "again.parquet", SMALL, seen, per_product=2)
     assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "more.parquet").read_bytes()
+    with pytest.raises(ValueError, match="no such products in this catalog: p999999"):
+        synth.more_photos(tmp_path / "bad.parquet", SMALL, ["p999999"])
 
 
 def test_titles_name_the_attributes_and_some_are_empty(small):
