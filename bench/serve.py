@@ -17,12 +17,12 @@ For the app deployed with ``max_batch_size`` 1 (unbatched: one query per ingress
 call and shard call) and ``--batch-size`` (batched), a closed-loop sweep (``c`` connections,
 each sending the next request when the last returns) for ``--duration`` seconds per
 concurrency gives QPS and p50/p99 latency; then, for the batched app, open-loop runs at half
-its peak QPS (fixed-rate arrivals, then Poisson ones; latency from the scheduled send time)
-give the p99 under load. The same decode + encode + search + lookup called in this process
-(one query at a time, and batches of ``--batch-size``) is the baseline. Goals: batched >= 3x
-unbatched peak QPS; p99 at half saturation (fixed rate) <= 1.5x the batched app's
-single-request (c=1) p50; no errors. The load average is printed: other jobs on the machine
-skew the figures.
+its peak QPS (fixed-rate arrivals, then Poisson ones; latency from the scheduled send time;
+a first second, not counted, warms the connections up) give the p99 under load. The same
+decode + encode + search + lookup called in this process (one query at a time, and batches of
+``--batch-size``) is the baseline. Goals: batched >= 3x unbatched peak QPS; p99 at half
+saturation (fixed rate) <= 1.5x the batched app's single-request (c=1) p50; no errors. The
+load average is printed: other jobs on the machine skew the figures.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def parse_args(argv=None):
         help="open-loop arrival processes at half saturation; the goal is judged on the first",
     )
     p.add_argument("--batch-wait", type=float, help="the app's batch_wait_timeout_s")
+    p.add_argument("--concurrent-batches", type=int, help="the app's concurrent_batches")
     p.add_argument("--modes", nargs="+", default=["unbatched", "batched"])
     return p.parse_args(argv)
 
@@ -230,7 +231,9 @@ class Load:
         _, conn = await loop.create_connection(Connection, self.host, self.port)
         return conn
 
-    async def one(self, conn: Connection | None, i: int, start: float) -> Connection | None:
+    async def one(
+        self, conn: Connection | None, i: int, start: float, record: bool = True
+    ) -> Connection | None:
         """Send request ``i``; a failed request is counted and its connection replaced."""
         try:
             conn = conn or await self.connect()
@@ -238,7 +241,8 @@ class Load:
         except (OSError, ValueError, asyncio.TimeoutError):
             ok = False
         if ok:
-            self.latencies.append(time.perf_counter() - start)
+            if record:
+                self.latencies.append(time.perf_counter() - start)
             return conn
         self.errors += 1
         if conn is not None:
@@ -259,9 +263,12 @@ class Load:
 
         await asyncio.gather(*(worker(s) for s in range(concurrency)))
 
-    async def open(self, rate: float, duration: float, arrivals: str, seed: int = 0) -> None:
-        """``rate`` requests/s for ``duration`` s; latency counts from the scheduled time."""
-        n = int(rate * duration)
+    async def open(
+        self, rate: float, duration: float, arrivals: str, warmup: float = 1.0, seed: int = 0
+    ) -> None:
+        """``rate`` requests/s for ``warmup`` + ``duration`` s; latency counts from the scheduled
+        time. The first ``warmup`` seconds are not recorded: they warm the connections up."""
+        n = int(rate * (warmup + duration))
         gaps = (
             np.random.default_rng(seed).exponential(1 / rate, n)
             if arrivals == "poisson"
@@ -270,8 +277,8 @@ class Load:
         idle = [await self.connect() for _ in range(min(n, 64))]
         tasks, t0 = [], time.perf_counter()
 
-        async def request(i: int, scheduled: float):
-            conn = await self.one(idle.pop() if idle else None, i, scheduled)
+        async def request(i: int, scheduled: float, record: bool):
+            conn = await self.one(idle.pop() if idle else None, i, scheduled, record)
             if conn is not None:
                 idle.append(conn)
 
@@ -279,7 +286,7 @@ class Load:
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(request(i, t0 + at)))
+            tasks.append(asyncio.create_task(request(i, t0 + at, at >= warmup)))
         await asyncio.gather(*tasks)
         for conn in idle:
             conn.close()
@@ -500,22 +507,33 @@ def run_modes(client: LoadClient, workdir: str, url: str, args) -> dict:
     app = {"ingress_replicas": args.ingress_replicas}
     if args.batch_wait is not None:
         app["batch_wait_timeout_s"] = args.batch_wait
+    if args.concurrent_batches is not None:
+        app["concurrent_batches"] = args.concurrent_batches
     for name in args.modes:
         deploy(workdir, {**app, "max_batch_size": sizes[name]}, url)
         print(f"{name} (max_batch_size {sizes[name]}, proxy {args.proxy}):", flush=True)
+        ingress = serve.get_deployment_handle("SearchIngress", app_name="oclear")
+        before = ingress.batch_counts.remote().result()
         results[name] = sweep(client, args)
-        handle = serve.get_deployment_handle("QueryEncoder", app_name="oclear")
-        batches = handle.batch_sizes.remote().result()
-        print(f"  encoder batches: mean {np.mean(batches):.1f}, max {max(batches)} queries")
         if name == "batched":
+            print(f"  ingress batches: {mean_batch(ingress, before)}")
             rate = max(r["qps"] for r in results[name]) / 2
             spec = {"kind": "open", "rate": rate, "duration": args.duration}
             for arrivals in args.arrivals:
+                before = ingress.batch_counts.remote().result()
                 half = summary(client.run(**spec, arrivals=arrivals), args.duration)
                 results.setdefault("half", {})[arrivals] = {"rate": rate, **half}
                 show(f"open loop, {arrivals} arrivals at {rate:.1f}/s", half)
+                print(f"  ingress batches: {mean_batch(ingress, before)}")
         serve.delete("oclear")
     return results
+
+
+def mean_batch(ingress, before: tuple[int, int]) -> str:
+    """The ingress's mean batch size since ``before`` (its ``batch_counts`` then)."""
+    (batches, queries), (b0, q0) = ingress.batch_counts.remote().result(), before
+    batches, queries = batches - b0, queries - q0
+    return f"{batches} of {queries / max(1, batches):.1f} queries on average"
 
 
 def report(results: dict, local: dict, arrivals: list[str]) -> None:

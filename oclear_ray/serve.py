@@ -122,6 +122,16 @@ def open_query_image(data: bytes, limits: Limits) -> Image.Image:
     return img
 
 
+def decodes_quickly(data: bytes, max_pixels: int = 1 << 20) -> bool:
+    """Whether an upload is a readable image header of at most ``max_pixels`` (about a
+    millisecond to decode: fine on an event loop; larger ones are decoded in a thread)."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # not an image, or a bomb: query_pixels says which, in a thread
+        return False
+    return width * height <= max_pixels
+
+
 def query_pixels(data: bytes, limits: Limits, image_size: int) -> np.ndarray:
     """Uploaded bytes -> uint8 [S, S, 3], as the encoder's preprocessing expects."""
     img = to_rgb(open_query_image(data, limits))

@@ -1,7 +1,8 @@
 """The HTTP API and search page of the serving app, independent of Ray: ``build_api(service)``
 returns a FastAPI app; ``SearchService`` holds the loaded state and answers a query through the
 async function it is given; ``search_batch`` answers a batch of queries with one encoder call and
-one call per shard (through Serve deployment handles in ``serve.app``).
+one call per shard (through Serve deployment handles in ``serve.app``); ``QueryBatcher`` gathers
+concurrent queries into those batches.
 
 Every error is JSON ``{"error": message, "status": code}``; no bad request takes the app down.
 """
@@ -12,6 +13,7 @@ import asyncio
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from oclear_ray.serve import (
     MAX_K,
     QueryError,
     decode_base64,
+    decodes_quickly,
     hits_of,
     parse_category,
     parse_k,
@@ -71,6 +74,85 @@ async def search_batch(queries: list[Query], encode: Encode, search: Search) -> 
         for j, i in enumerate(rows):
             out[i] = (D[j, : queries[i].k], I[j, : queries[i].k])
     return out
+
+
+class QueryBatcher:
+    """Gathers concurrent queries into calls of ``run`` (queries -> their answers, in order),
+    at most ``slots`` calls at a time.
+
+    A batch is formed only once a slot is free: a query waits up to ``wait_s`` from its arrival
+    for others (up to ``max_size``), and the queries that queue while every slot is busy go out
+    together when one frees. Under load the batches grow with the queue, so the cost per query
+    falls as the load rises. (Serve's ``@serve.batch`` forms a batch when its wait ends and only
+    then waits for a free slot: under an open-loop load its batches keep the size the wait gives
+    and queue up as many small ones.)
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list], Awaitable[list]],
+        *,
+        max_size: int,
+        wait_s: float,
+        slots: int = 2,
+    ):
+        if max_size < 1 or slots < 1 or wait_s < 0:
+            raise ValueError(
+                f"bad batcher settings: max_size {max_size}, slots {slots}, wait_s {wait_s}"
+            )
+        self.run, self.max_size, self.wait_s, self.slots = run, max_size, wait_s, slots
+        self.pending: deque[tuple[object, asyncio.Future, float]] = deque()
+        self.batches = self.queries = 0  # answered so far (the bench reads mean batch sizes)
+        self._arrived: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
+
+    async def __call__(self, query):
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None:
+            self._arrived = asyncio.Event()
+            self._loop_task = loop.create_task(self._form_batches())
+        future = loop.create_future()
+        self.pending.append((query, future, loop.time()))
+        self._arrived.set()
+        return await future
+
+    async def _form_batches(self) -> None:
+        loop, free = asyncio.get_running_loop(), asyncio.Semaphore(self.slots)
+        while True:
+            await free.acquire()
+            while not self.pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self.pending[0][2] + self.wait_s
+            while len(self.pending) < self.max_size and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+            batch = [self.pending.popleft() for _ in range(min(self.max_size, len(self.pending)))]
+            task = loop.create_task(self._answer(batch))
+            self._running.add(task)
+            task.add_done_callback(lambda t: (self._running.discard(t), free.release()))
+
+    async def _answer(self, batch: list) -> None:
+        live = [(query, future) for query, future, _ in batch if not future.done()]
+        if not live:
+            return
+        self.batches, self.queries = self.batches + 1, self.queries + len(live)
+        try:
+            answers = await self.run([query for query, _ in live])
+            if len(answers) != len(live):
+                raise RuntimeError(f"{len(answers)} answers for a batch of {len(live)} queries")
+        except Exception as exc:  # every query of the batch gets the error
+            for _, future in live:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), answer in zip(live, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
 
 class SearchService:
@@ -167,7 +249,10 @@ async def parse_query(request: Request, service: SearchService) -> Query:
     pixels = None
     if fields.get("image") is not None:
         data = fields["image"]
-        pixels = await asyncio.to_thread(query_pixels, data, limits, service.image_size)
+        if decodes_quickly(data):  # a thread hop would cost more than the decode
+            pixels = query_pixels(data, limits, service.image_size)
+        else:
+            pixels = await asyncio.to_thread(query_pixels, data, limits, service.image_size)
     return Query(pixels, text, k, category)
 
 

@@ -30,7 +30,7 @@ from oclear_ray.serve import (
     embedded_catalog,
     encode_queries,
 )
-from serve.api import Query, SearchService, build_api, search_batch
+from serve.api import Query, QueryBatcher, SearchService, build_api, search_batch
 
 log = logging.getLogger("ray.serve")
 
@@ -56,7 +56,10 @@ class AppArgs:
     workdir: str = "work"
     model_dir: str | None = None
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
+    # a batch costs Serve ~20 ms of CPU in calls whatever its size (2 cores, bench/serve.py):
+    # waiting 30 ms for companions gives lower tail latency from ~100 QPS up than 5 ms does
+    batch_wait_timeout_s: float = 0.03
+    concurrent_batches: int = 2
     encoder_wait_timeout_s: float = 0.0
     torch_threads: int = 1
     shard_replicas: int = 1
@@ -68,7 +71,13 @@ class AppArgs:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        counts = ("max_batch_size", "torch_threads", "shard_replicas", "ingress_replicas")
+        counts = (
+            "max_batch_size",
+            "concurrent_batches",
+            "torch_threads",
+            "shard_replicas",
+            "ingress_replicas",
+        )
         for name in (*counts, "max_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -98,7 +107,9 @@ class AppArgs:
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 2,
-        "target_ongoing_requests": 16,
+        # its calls are ingress batches, at most concurrent_batches (2) per ingress replica:
+        # another encoder replica once more than one ingress replica's worth are in flight
+        "target_ongoing_requests": 2,
         "upscale_delay_s": 5,
         "downscale_delay_s": 60,
     },
@@ -193,8 +204,8 @@ async def call(method, *args):
 class SearchIngress:
     """Decodes uploads, encodes, fans out to the shards, merges; serves the page and the API.
 
-    Concurrent queries are batched here too (``answer``), so that a batch costs one encoder
-    call and one call per shard. The documents table and the shards' info load in the
+    Concurrent queries are batched here too (``QueryBatcher``), so that a batch costs one
+    encoder call and one call per shard. The documents table and the shards' info load in the
     background: searches answer 503 until then.
     """
 
@@ -208,20 +219,27 @@ class SearchIngress:
             "dim": index["dim"],
             "count": index["count"],
         }
+        self.batcher = QueryBatcher(
+            self.answer,
+            max_size=self.args.max_batch_size,
+            wait_s=self.args.batch_wait_timeout_s,
+            slots=self.args.concurrent_batches,
+        )
         self.service = SearchService(
             limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
             image_size=int(model["model"]["preprocess"]["image_size"]),
-            answer=self.answer if self.args.max_batch_size > 1 else self.answer_one,
+            answer=self.batcher if self.args.max_batch_size > 1 else self.answer_one,
             info=info,
         )
-        self.answer.set_max_batch_size(self.args.max_batch_size)
-        self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         # the constructor runs on the replica's event loop: load there, the file reads in threads
         self.loader = asyncio.get_running_loop().create_task(self._load())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def answer(self, queries: list[Query]) -> list:
         return await search_batch(queries, self.encode, self.search)
+
+    def batch_counts(self) -> tuple[int, int]:
+        """``(batches, queries)`` the ingress has answered in batches (for the bench)."""
+        return self.batcher.batches, self.batcher.queries
 
     async def answer_one(self, query: Query):
         """Unbatched (``max_batch_size`` 1): each query on its own, as many at once as come."""

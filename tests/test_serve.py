@@ -36,6 +36,7 @@ from oclear_ray.serve import (
     Thumbnails,
     VersionMismatch,
     check_versions,
+    decodes_quickly,
     embedded_catalog,
     encode_queries,
     open_query_image,
@@ -43,7 +44,7 @@ from oclear_ray.serve import (
     query_pixels,
 )
 from oclear_ray.synth import SynthConfig, generate
-from serve.api import Query, SearchService, build_api, search_batch
+from serve.api import Query, QueryBatcher, SearchService, build_api, search_batch
 from tests.conftest import jpeg_bytes, png_bytes
 from tests.tiny import export_random_model
 
@@ -109,6 +110,14 @@ def test_query_pixels_decodes_to_the_model_size():
     pixels = query_pixels(png_bytes(size=(50, 20), mode="RGBA", color=(0, 0, 0, 0)), LIMITS, 32)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     assert (pixels == 255).all()  # transparent composited onto white, as in embedding
+
+
+def test_small_uploads_decode_on_the_loop_large_or_unreadable_ones_in_a_thread():
+    assert decodes_quickly(png_bytes(size=(640, 480)))
+    assert decodes_quickly(png_bytes(size=(64, 64))[:60])  # header whole: fails fast inline
+    assert not decodes_quickly(bomb_png(2000, 2000))  # 4 Mpx from a few bytes
+    assert not decodes_quickly(bomb_png(100_000, 100_000))
+    assert not decodes_quickly(b"hello, world")
 
 
 @pytest.mark.parametrize("value", [0, 101, "x", "1.5", None, True, [3]])
@@ -247,6 +256,65 @@ def test_search_batch_answers_each_query_as_if_alone(work):
         np.testing.assert_allclose(D, D1, atol=1e-5)
 
 
+def test_query_batcher_grows_batches_while_its_slots_are_busy():
+    """Queries arriving while every slot is busy go out together when one frees; each caller
+    gets its own answer; a lone query waits ``wait_s`` at most."""
+    import asyncio
+
+    calls: list[list[int]] = []
+    release = None
+
+    async def run(queries):
+        calls.append(list(queries))
+        await release.wait()
+        return [q * 10 for q in queries]
+
+    async def scenario():
+        nonlocal release
+        release = asyncio.Event()
+        batcher = QueryBatcher(run, max_size=4, wait_s=0.0, slots=1)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.sleep(0.01)  # query 0 is running alone, the only slot is busy
+        rest = [asyncio.ensure_future(batcher(i)) for i in range(1, 7)]
+        await asyncio.sleep(0.01)
+        assert calls == [[0]]  # nothing else was sent while the slot was busy
+        release.set()
+        answers = await asyncio.gather(first, *rest)
+        lone = QueryBatcher(run, max_size=4, wait_s=0.05, slots=1)
+        start = time.perf_counter()
+        assert await lone(9) == 90
+        return answers, time.perf_counter() - start, (batcher.batches, batcher.queries)
+
+    answers, lone_s, counts = asyncio.run(scenario())
+    assert answers == [0, 10, 20, 30, 40, 50, 60]
+    assert calls[:3] == [[0], [1, 2, 3, 4], [5, 6]]  # batches of the queue, up to max_size
+    assert counts == (3, 7)
+    assert 0.04 <= lone_s < 0.5
+
+
+def test_query_batcher_fills_a_batch_within_its_wait_and_fails_only_that_batch():
+    import asyncio
+
+    async def run(queries):
+        if "bad" in queries:
+            raise ValueError("bad query in the batch")
+        return [q.upper() for q in queries]
+
+    async def scenario():
+        batcher = QueryBatcher(run, max_size=8, wait_s=0.05, slots=2)
+        together = [asyncio.ensure_future(batcher(q)) for q in ("a", "b", "bad")]
+        results = await asyncio.gather(*together, return_exceptions=True)
+        after = await batcher("c")  # the batcher still answers after a failed batch
+        return results, after, batcher.batches
+
+    results, after, batches = asyncio.run(scenario())
+    assert [str(r) for r in results] == ["bad query in the batch"] * 3
+    assert all(isinstance(r, ValueError) for r in results)
+    assert (after, batches) == ("C", 2)
+    with pytest.raises(ValueError, match="max_size 0"):
+        QueryBatcher(run, max_size=0, wait_s=0.01)
+
+
 def test_app_args_convert_yaml_values_and_refuse_bad_ones():
     from serve.app import AppArgs
 
@@ -257,6 +325,7 @@ def test_app_args_convert_yaml_values_and_refuse_bad_ones():
         {"batch_wait_timeout_s": -0.1},
         {"encoder_wait_timeout_s": -1.0},
         {"encoder_cpus": 0.0},
+        {"concurrent_batches": 0},
     ]
     for values in bad:
         with pytest.raises(ValueError, match=next(iter(values))):
