@@ -275,8 +275,10 @@ def test_query_batcher_grows_batches_while_its_slots_are_busy():
         batcher = QueryBatcher(run, max_size=4, wait_s=0.0, slots=1)
         first = asyncio.ensure_future(batcher(0))
         await asyncio.sleep(0.01)  # query 0 is running alone, the only slot is busy
-        rest = [asyncio.ensure_future(batcher(i)) for i in range(1, 7)]
-        await asyncio.sleep(0.01)
+        rest = []
+        for i in range(1, 7):  # arriving one by one (a batcher that forms batches before its
+            rest.append(asyncio.ensure_future(batcher(i)))  # slot is free sends 6 singles)
+            await asyncio.sleep(0.003)
         assert calls == [[0]]  # nothing else was sent while the slot was busy
         release.set()
         answers = await asyncio.gather(first, *rest)
