@@ -70,7 +70,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch-wait", type=float, help="the app's batch_wait_timeout_s")
     p.add_argument("--concurrent-batches", type=int, help="the app's concurrent_batches")
-    p.add_argument("--modes", nargs="+", default=["unbatched", "batched"])
+    p.add_argument(
+        "--modes", nargs="+", choices=["unbatched", "batched"], default=["unbatched", "batched"]
+    )
     return p.parse_args(argv)
 
 
@@ -512,10 +514,12 @@ def run_modes(client: LoadClient, workdir: str, url: str, args) -> dict:
     for name in args.modes:
         deploy(workdir, {**app, "max_batch_size": sizes[name]}, url)
         print(f"{name} (max_batch_size {sizes[name]}, proxy {args.proxy}):", flush=True)
-        ingress = serve.get_deployment_handle("SearchIngress", app_name="oclear")
-        before = ingress.batch_counts.remote().result()
-        results[name] = sweep(client, args)
-        if name == "batched":
+        if name == "unbatched":
+            results[name] = sweep(client, args)
+        else:
+            ingress = serve.get_deployment_handle("SearchIngress", app_name="oclear")
+            before = ingress.batch_counts.remote().result()
+            results[name] = sweep(client, args)
             print(f"  ingress batches: {mean_batch(ingress, before)}")
             rate = max(r["qps"] for r in results[name]) / 2
             spec = {"kind": "open", "rate": rate, "duration": args.duration}
@@ -524,7 +528,7 @@ def run_modes(client: LoadClient, workdir: str, url: str, args) -> dict:
                 half = summary(client.run(**spec, arrivals=arrivals), args.duration)
                 results.setdefault("half", {})[arrivals] = {"rate": rate, **half}
                 show(f"open loop, {arrivals} arrivals at {rate:.1f}/s", half)
-                print(f"  ingress batches: {mean_batch(ingress, before)}")
+                print(f"  ingress batches (warm-up included): {mean_batch(ingress, before)}")
         serve.delete("oclear")
     return results
 
