@@ -431,14 +431,14 @@ def in_process(workdir: str, images: list[bytes], args) -> dict:
     torch.set_num_threads(1)
     encoder = load_query_encoder(os.path.join(workdir, "train", "model"))
     index = SearchIndex.load(os.path.join(workdir, "index"), encoder.model_version)
-    size, limits = encoder.preprocess.image_size, Limits()
+    pre, limits = encoder.preprocess, Limits()
 
     def run(batch: int) -> tuple[float, float]:
         done, lat, deadline = 0, [], time.perf_counter() + args.duration
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             chunk = [images[(done + j) % len(images)] for j in range(batch)]
-            items = [(query_pixels(b, limits, size), None) for b in chunk]
+            items = [(query_pixels(b, limits, pre), None) for b in chunk]
             index.search_documents(np.stack(encode_queries(encoder, items)), args.k)
             lat.append(time.perf_counter() - start)
             done += batch

@@ -97,12 +97,19 @@ class ShardedMarginSoftmax(nn.Module):
         """Mean loss over the labelled rows of the global batch (0 if none are labelled).
 
         ``embeddings`` [B_local, dim] are L2-normalised here (callers need not) and cast to
-        the centres' dtype (e.g. bf16 encoder outputs, float32 softmax); ``labels``
+        the centres' dtype (e.g. bf16 encoder outputs, float32 softmax, with autocast off
+        inside); ``labels``
         [B_local] are global class ids, -1 for "no label" (the row is ignored). Local batch
         sizes may differ between ranks.
         """
         self._check_inputs(embeddings, labels)
-        emb = F.normalize(embeddings.to(self.weight.dtype), dim=1)
+        # the softmax stays in the centres' dtype (float32) whatever the caller's autocast:
+        # bf16 logits over many classes lose the loss, and the backward mixes saved dtypes
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._loss(embeddings.to(self.weight.dtype), labels)
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = F.normalize(embeddings, dim=1)
         emb = parallel.all_gather_rows(emb, self.group)
         labels = parallel.all_gather_rows(labels.long(), self.group)
         bad = (labels < -1) | (labels >= self.config.num_classes)

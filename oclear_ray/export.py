@@ -69,12 +69,16 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def exported_config(model: RetrievalModel) -> ModelConfig:
-    """The model's config made self-contained: no local weight paths, the full text config."""
+    """The model's config made self-contained: the architecture, no weight sources (the export
+    holds the weights), the full text config, the resolved preprocessing."""
     config = model.config
     text_config = model.text_encoder.model.config.to_dict()
+    image = model.image_encoder
     return dataclasses.replace(
         config,
-        image=dataclasses.replace(config.image, pretrained_path=None),
+        image=dataclasses.replace(
+            config.image, name=image.architecture, pretrained=False, pretrained_path=None
+        ),
         text=dataclasses.replace(config.text, pretrained_path=None, hf_config=text_config),
     )
 

@@ -8,8 +8,9 @@ search parameters, per-shard counts, sha256 checksums and deletions, and the ind
 Files are never rewritten: a change writes new files (temporary name, then rename), then the
 manifest, then deletes the files the manifest no longer names.
 
-IVF shards share one quantiser, trained once, and each owns whole inverted lists, so the shards
-together scan exactly what one index would; flat and HNSW shards take contiguous id ranges.
+IVF shards share one quantiser, trained once (its k-means on the GPUs when the FAISS build has
+them; the manifest's ``built.trained_on`` says where), and each owns whole inverted lists, so the
+shards together scan exactly what one index would; flat and HNSW shards take contiguous id ranges.
 
 ``sync_index`` makes the index follow ``WORKDIR/embed``: it builds it, adds the documents embedded
 since (to the shard owning their IVF list, else the smallest shard), deletes the ones gone
@@ -152,11 +153,29 @@ def train_size(index: faiss.Index, n: int) -> int:
     return min(n, max(40 * ivf.nlist if ivf is not None else 0, 20_000))
 
 
-def train(index: faiss.Index, xt: np.ndarray) -> np.ndarray:
-    """Train ``index`` on ``xt`` (normalised here) once; the serialised empty index."""
-    if not index.is_trained:
+def gpu_clustering_index(ivf: faiss.IndexIVF | None) -> faiss.Index | None:
+    """A flat index of ``ivf``'s metric on all GPUs, for the k-means of its coarse quantiser,
+    when there is an IVF and this FAISS build sees GPUs; else None (k-means on the CPU)."""
+    if ivf is None or faiss.get_num_gpus() == 0:
+        return None
+    return faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+
+
+def train(index: faiss.Index, xt: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Train ``index`` on ``xt`` (normalised here) once: the serialised empty index, and where
+    it was trained (``"gpu"``: the IVF k-means on the GPUs, ``"cpu"``; None: nothing to train)."""
+    if index.is_trained:
+        return faiss.serialize_index(index), None
+    ivf = faiss.try_extract_index_ivf(index)
+    clustering = gpu_clustering_index(ivf)
+    if clustering is not None:
+        ivf.clustering_index = clustering
+    try:
         index.train(normalize(xt))
-    return faiss.serialize_index(index)
+    finally:
+        if clustering is not None:  # FAISS holds a raw pointer: drop it with the GPU index
+            ivf.clustering_index = None
+    return faiss.serialize_index(index), "cpu" if clustering is None else "gpu"
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -397,7 +416,7 @@ def build(index_dir: str, embed_dir: str, config: IndexConfig, *, version: int, 
     )
     sample, train_rows, query_rows = _samples(n, index, config.seed)
     xs = read_rows(parts, sample)
-    trained = train(index, xs[train_rows])
+    trained, trained_on = train(index, xs[train_rows])
     xq, own, threads = xs[query_rows], sample[query_rows], config.threads_per_shard
     ranges = shard_ranges(n, shards)
     shard_of, lists, owner = _placement(
@@ -423,6 +442,7 @@ def build(index_dir: str, embed_dir: str, config: IndexConfig, *, version: int, 
         )
     results = map_fn(build_shard, jobs)
     manifest = new_manifest(summary, factory, index, config, results, documents, version=version)
+    manifest["built"]["trained_on"] = trained_on
     manifest["list_owner"] = None if owner is None else owner.tolist()
     gt = merge([(r["gt_D"], r["gt_I"]) for r in results], TUNE_K + 1)[1]
     return manifest | _tuned(index_dir, manifest, xq, own, gt, config.target_recall)
@@ -635,6 +655,7 @@ class SyncResult:
             "shards": [s["vectors"] for s in m["shards"]],
             "search": m.get("search", {}),
             "tuned_recall": m.get("tuned_recall"),
+            "trained_on": m["built"].get("trained_on"),
         }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from oclear_ray.preprocess import decode_image
+from oclear_ray.preprocess import PreprocessConfig, decode_image
 from oclear_ray.text import TextTokenizer
 
 
@@ -70,20 +70,19 @@ class PrepareBatches:
     in the class map are dropped: they cannot be classified.
     """
 
-    def __init__(
-        self, *, class_map: dict, tokenizer_path: str, image_size: int, max_text_length: int
-    ):
+    def __init__(self, *, class_map: dict, tokenizer_path: str, preprocess: PreprocessConfig):
         self.class_map = class_map
         self.tokenizer = TextTokenizer.from_file(tokenizer_path)
-        self.size, self.max_len = image_size, max_text_length
+        self.pre = preprocess
 
     def __call__(self, batch: pa.Table) -> dict:
         labels = [self.class_map.get(v, -1) for v in batch.column("label").to_pylist()]
         batch = batch.filter(pa.array([label >= 0 for label in labels]))
         images = batch.column("image").to_pylist()
-        ids, mask = self.tokenizer.encode(batch.column("text").to_pylist(), self.max_len)
-        blank = np.zeros((self.size, self.size, 3), np.uint8)
-        pixels = [decode_image(b, self.size) if b else blank for b in images]
+        texts = batch.column("text").to_pylist()
+        ids, mask = self.tokenizer.encode(texts, self.pre.max_text_length)
+        blank = np.zeros((self.pre.image_size, self.pre.image_size, 3), np.uint8)
+        pixels = [decode_image(b, self.pre) if b else blank for b in images]
         return {
             "image": np.stack(pixels) if pixels else blank[None][:0],
             "has_image": np.array([b is not None for b in images], dtype=bool),

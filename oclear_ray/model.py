@@ -9,11 +9,10 @@ the training job shards :meth:`RetrievalModel.shard_units` with FSDP2 itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
-import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
@@ -25,17 +24,47 @@ from oclear_ray.preprocess import PreprocessConfig
 PARTS = ("doc", "query")
 
 
+#: timm's prefixes for backbones named by where their weights are, not by architecture
+WEIGHT_SOURCES = ("hf-hub:", "local-dir:")
+
+
 @dataclass(kw_only=True)
 class ImageEncoderConfig:
-    """A timm backbone by name; random init, or weights from a local state-dict file."""
+    """A timm backbone: random init, timm's pretrained weights, or a local weights file.
+
+    ``pretrained``: false (random init); true (timm's weights for ``name``, which may carry a
+    tag: ``convnext_atto.d2_in1k``); or the model to create with its weights in place of
+    ``name``: a timm name with its tag, an ``hf-hub:org/repo`` id, or a ``local-dir:/path``
+    folder as ``timm.models.save_for_hf`` writes it. timm downloads hub weights into the
+    Hugging Face cache. ``pretrained_path``: a safetensors or torch weights file for ``name``,
+    loaded by timm (its classifier is dropped).
+    """
 
     name: str = "convnext_atto"
+    pretrained: bool | str = False
     pretrained_path: str | None = None
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not timm.is_model(self.name):
-            raise ValueError(f"unknown timm model name {self.name!r}")
+        if not isinstance(self.pretrained, bool | str) or self.pretrained == "":
+            raise ValueError(
+                "image.pretrained must be true, false or a timm model name / hf-hub: / "
+                f"local-dir: id, got {self.pretrained!r}"
+            )
+        if self.pretrained and self.pretrained_path:
+            raise ValueError("image.pretrained and image.pretrained_path exclude each other")
+        model = self.model_id
+        if not model.startswith(WEIGHT_SOURCES) and not timm.is_model(model):
+            raise ValueError(f"unknown timm model name {model!r}")
+
+    @property
+    def model_id(self) -> str:
+        """What ``timm.create_model`` is given."""
+        return self.pretrained if isinstance(self.pretrained, str) else self.name
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.pretrained or self.pretrained_path)
 
 
 @dataclass(kw_only=True)
@@ -142,6 +171,53 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+def with_backbone_preprocess(config: ModelConfig, image: ImageEncoder) -> ModelConfig:
+    """``config`` with the pretrained backbone's mean, std, interpolation and crop (random-init
+    backbones keep the configured ones)."""
+    if not config.image.has_weights:
+        return config
+    return replace(config, preprocess=config.preprocess.with_backbone(image.data_config()))
+
+
+def _fetch_error(what: str, exc: Exception) -> Exception:
+    """Our own errors about local files and weights as they are; a failed fetch (what
+    huggingface_hub, transformers or timm raise) as one line naming the model and the cache."""
+    from huggingface_hub import constants
+
+    ours = not type(exc).__module__.startswith(("huggingface_hub", "transformers", "timm"))
+    if isinstance(exc, FileNotFoundError | ValueError) and ours:
+        return exc
+
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ValueError(
+        f"cannot load the pretrained {what}: {reason}. Hub weights download into the Hugging "
+        f"Face cache ({constants.HF_HUB_CACHE}, set HF_HOME to move it); offline "
+        "(HF_HUB_OFFLINE=1) they must be there already, or name a local folder or file"
+    )
+
+
+def resolve_pretrained(config: ModelConfig) -> ModelConfig:
+    """Fetch or find every pretrained part ``config`` names, once, before any worker starts;
+    return it with the backbone's preprocessing. A part that cannot be had is one ValueError
+    (or FileNotFoundError for a missing local file) naming the model and the cache."""
+    from oclear_ray.text import TextTokenizer
+
+    if config.image.has_weights:
+        try:
+            image = ImageEncoder(config.image)
+        except Exception as exc:
+            raise _fetch_error(f"image backbone {config.image.model_id!r}", exc) from exc
+        config = with_backbone_preprocess(config, image)
+    if config.text.pretrained_path:
+        path = config.text.pretrained_path
+        try:
+            TextEncoder(config.text)
+            TextTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise _fetch_error(f"text model {path!r}", exc) from exc
+    return config
+
+
 class ImageStates(NamedTuple):
     """Image tower output: pooled vector [B, C_pool] and spatial tokens [B, N, C_tok]."""
 
@@ -167,36 +243,34 @@ class TextStates(NamedTuple):
     pooled: torch.Tensor
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a safetensors file or a ``torch.save`` file (weights only).
+def create_backbone(config: ImageEncoderConfig) -> nn.Module:
+    """The timm backbone without its classifier, with its weights when the config names some.
 
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints and ``module.`` prefixes.
+    A ``pretrained_path`` file is read by timm's checkpoint reader (safetensors or torch;
+    ``state_dict`` / ``model`` / EMA wrappers and ``module.`` prefixes unwrapped) and loaded
+    key by key: timm's own pretrained loading turns non-strict once the classifier is dropped
+    and only logs keys that do not fit, so a wrong file would silently train from random init.
+    Raises FileNotFoundError for a missing file, ValueError for weights of another model; a hub
+    model timm cannot fetch raises what huggingface_hub raises (see :func:`resolve_pretrained`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        state = safetensors.torch.load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _load_backbone_weights(net: nn.Module, path: str) -> None:
-    """Load a timm state dict into ``net``; only the (unused) classifier may be left over."""
-    state = load_state_dict_file(path)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    head = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
-    head_prefixes = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
-    unexpected = [k for k in unexpected if not k.startswith(head_prefixes)]
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {path} do not match the backbone: missing {missing[:5]} "
-            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+    kwargs = dict(num_classes=0, **config.model_kwargs)
+    net = timm.create_model(config.model_id, pretrained=bool(config.pretrained), **kwargs)
+    if config.pretrained_path:
+        path = Path(config.pretrained_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        missing, unexpected = net.load_state_dict(
+            timm.models.load_state_dict(str(path)), strict=False
         )
+        head = net.pretrained_cfg.get("classifier") or ()
+        head_prefixes = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+        unexpected = [k for k in unexpected if not k.startswith(head_prefixes)]
+        if missing or unexpected:
+            raise ValueError(
+                f"weights in {path} do not match the backbone: missing {missing[:5]} "
+                f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+    return net
 
 
 class ImageEncoder(nn.Module):
@@ -204,11 +278,8 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, config: ImageEncoderConfig):
         super().__init__()
-        self.net = timm.create_model(
-            config.name, pretrained=False, num_classes=0, **config.model_kwargs
-        )
-        if config.pretrained_path:
-            _load_backbone_weights(self.net, config.pretrained_path)
+        self.config = config
+        self.net = create_backbone(config)
         self.token_dim = self.net.num_features
         self.pooled_dim = getattr(self.net, "head_hidden_size", None) or self.net.num_features
 
@@ -222,6 +293,15 @@ class ImageEncoder(nn.Module):
         else:
             tokens = feats.flatten(2).transpose(1, 2)
         return ImageStates(pooled, tokens)
+
+    @property
+    def architecture(self) -> str:
+        """The timm architecture built (without tag or hub prefix): what an export recreates."""
+        return self.net.pretrained_cfg.get("architecture") or self.config.name
+
+    def data_config(self) -> dict:
+        """The backbone's preprocessing (mean, std, interpolation, crop_pct) as timm resolves it."""
+        return timm.data.resolve_data_config({}, model=self.net)
 
     def blocks(self) -> list[nn.Module]:
         """The backbone's feature stages (timm ``feature_info``), the natural FSDP units."""
@@ -373,8 +453,9 @@ class RetrievalModel(nn.Module):
         super().__init__()
         if not parts or set(parts) - set(PARTS):
             raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)}")
-        self.config, self.parts = config, tuple(p for p in PARTS if p in parts)
+        self.parts = tuple(p for p in PARTS if p in parts)
         self.image_encoder = ImageEncoder(config.image)
+        self.config = with_backbone_preprocess(config, self.image_encoder)
         self.text_encoder = TextEncoder(config.text)
         self.fusion = ConceptFusion(
             self.image_encoder, self.text_encoder, config.fusion, config.embed_dim

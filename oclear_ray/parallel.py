@@ -166,19 +166,23 @@ def max_over_ranks(value: float, group: ProcessGroup | None = None) -> float:
     return float(tensor.item())
 
 
-def apply_fsdp(model: torch.nn.Module, units: list[torch.nn.Module], methods=()) -> None:
+def apply_fsdp(
+    model: torch.nn.Module, units: list[torch.nn.Module], methods=(), mp_policy=None
+) -> None:
     """Shard ``model`` with FSDP2 over the whole world: each unit, then the root.
 
     ``methods`` are entry points other than ``forward`` (e.g. ``encode_doc``) that must gather
     the root's parameters too. The mesh's device type follows the parameters (CPU: gloo).
+    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` for every unit (None: full precision).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
     for name in methods:
         register_fsdp_forward_method(model, name)

@@ -8,12 +8,15 @@ augmentation is applied on top of :func:`decode_image` by the training pipeline.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 ImageInput = bytes | bytearray | memoryview | Image.Image
 
@@ -21,13 +24,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: PIL resampling filters by the names timm's pretrained configs use
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
 @dataclass(kw_only=True)
 class PreprocessConfig:
-    """How raw inputs become model inputs: square image size, RGB mean/std, text token budget."""
+    """How raw inputs become model inputs: image size, resize and crop, RGB mean/std, tokens.
+
+    An image's shorter side is resized (``interpolation``) to ``image_size / crop_pct``, then
+    its centre ``image_size`` square is kept (timm's evaluation transform; a square image at
+    ``crop_pct`` 1.0 is simply resized). With ``from_backbone`` (the default) and a pretrained
+    image backbone, mean, std, interpolation and crop_pct are the backbone's own
+    (``timm.data.resolve_data_config``), resolved once when the model is built and exported
+    with it; set it to false to keep the values given here.
+    """
 
     image_size: int = 64
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    from_backbone: bool = True
     max_text_length: int = 64
 
     def __post_init__(self) -> None:
@@ -39,10 +57,30 @@ class PreprocessConfig:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
         if min(self.std) <= 0:
             raise ValueError(f"std values must be > 0, got {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.max_text_length < 2:
             raise ValueError(
                 f"max_text_length must be >= 2 ([CLS] + [SEP]), got {self.max_text_length}"
             )
+
+    def with_backbone(self, data_config: dict) -> PreprocessConfig:
+        """These settings with the backbone's mean, std, interpolation and crop_pct (a timm
+        data config), unless ``from_backbone`` is off."""
+        if not self.from_backbone:
+            return self
+        interpolation = data_config.get("interpolation", self.interpolation)
+        return replace(
+            self,
+            mean=tuple(data_config.get("mean", self.mean)),
+            std=tuple(data_config.get("std", self.std)),
+            interpolation=interpolation if interpolation in INTERPOLATIONS else self.interpolation,
+            crop_pct=float(data_config.get("crop_pct") or self.crop_pct),
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""
@@ -72,15 +110,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: ImageInput, image_size: int) -> np.ndarray:
-    """Encoded bytes (PNG/JPEG/WebP/...) or a PIL image -> uint8 array [image_size, image_size, 3].
+def fit_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """An RGB PIL image -> uint8 array [S, S, 3]: shorter side to ``S / crop_pct``, centre crop."""
+    size = cfg.image_size
+    if img.size != (size, size) or cfg.crop_pct < 1.0:
+        mode = InterpolationMode(cfg.interpolation)
+        img = TF.resize(img, math.floor(size / cfg.crop_pct), interpolation=mode)
+        img = TF.center_crop(img, [size, size])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(data: ImageInput, cfg: PreprocessConfig) -> np.ndarray:
+    """Encoded bytes (PNG/JPEG/WebP/...) or a PIL image -> uint8 array [S, S, 3] (``fit_image``).
 
     Raises ValueError for bytes that are not a decodable image.
     """
-    img = to_rgb(_open(data))
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return fit_image(to_rgb(_open(data)), cfg)
 
 
 def normalize_array(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -99,7 +144,7 @@ def images_to_tensor(images: Sequence[ImageInput], cfg: PreprocessConfig) -> tor
     pixels = np.empty((len(images), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     for i, data in enumerate(images):
         try:
-            pixels[i] = decode_image(data, cfg.image_size)
+            pixels[i] = decode_image(data, cfg)
         except ValueError as exc:
             raise ValueError(f"image {i} of {len(images)}: {exc}") from exc
     return torch.from_numpy(normalize_array(pixels, cfg))

@@ -25,7 +25,7 @@ from PIL import Image
 
 from oclear_ray import storage
 from oclear_ray.contract import Limits
-from oclear_ray.preprocess import normalize_array, to_rgb
+from oclear_ray.preprocess import PreprocessConfig, fit_image, normalize_array, to_rgb
 from oclear_ray.search import (
     load_documents,
     load_shard,
@@ -132,12 +132,9 @@ def decodes_quickly(data: bytes, max_pixels: int = 1 << 20) -> bool:
     return width * height <= max_pixels
 
 
-def query_pixels(data: bytes, limits: Limits, image_size: int) -> np.ndarray:
-    """Uploaded bytes -> uint8 [S, S, 3], as the encoder's preprocessing expects."""
-    img = to_rgb(open_query_image(data, limits))
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+def query_pixels(data: bytes, limits: Limits, preprocess: PreprocessConfig) -> np.ndarray:
+    """Uploaded bytes -> uint8 [S, S, 3], resized and cropped as the encoder's export says."""
+    return fit_image(to_rgb(open_query_image(data, limits)), preprocess)
 
 
 def parse_k(value) -> int:
@@ -180,7 +177,8 @@ def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -
     """Embed a batch of ``(pixels or None, text or None)`` queries with an ``ExportedEncoder``.
 
     Queries are grouped by what they carry (image, text, both) so that each group is one model
-    call; the result keeps the input order.
+    call; the result keeps the input order. Vectors are float32 whatever precision the caller
+    runs the encoder in (``QueryEncoder``: ``inference_autocast`` of its device).
     """
     import torch
 

@@ -1,10 +1,11 @@
-"""Text tokenizer trained on the catalog's own text (no downloaded vocabulary).
+"""The text tokenizer: trained on the catalog's own text, or a pretrained text model's own.
 
-A BERT-style WordPiece tokenizer (BERT normaliser and pre-tokeniser, lower-case) built with the
-``tokenizers`` library, saved as ``tokenizer.json`` beside the model. Special tokens have fixed
-ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Text without any content (empty or only
-whitespace) encodes to an all-padding row with an all-zero attention mask, which the encoders
-read as "no text".
+By default a BERT-style WordPiece tokenizer (BERT normaliser and pre-tokeniser, lower-case) is
+built with the ``tokenizers`` library from the catalog's text, with fixed special ids: [PAD]=0,
+[UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. A pretrained text tower brings its own vocabulary
+(:meth:`TextTokenizer.from_pretrained`). Either is saved as one ``tokenizer.json`` beside the
+model. Text without any content (empty or only whitespace) encodes to an all-padding row with an
+all-zero attention mask, which the encoders read as "no text".
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._truncating: dict[int, Tokenizer] = {}
-        self.pad_id = tokenizer.token_to_id("[PAD]")
+        padding = tokenizer.padding  # a pretrained tokenizer records its pad token there
+        self.pad_id = padding["pad_id"] if padding else tokenizer.token_to_id("[PAD]")
         if self.pad_id is None:
             raise ValueError("tokenizer has no [PAD] token")
 
@@ -48,6 +50,23 @@ class TextTokenizer:
         """Load a ``tokenizer.json``."""
         return cls(Tokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> TextTokenizer:
+        """The tokenizer of a pretrained text model (a ``save_pretrained`` folder or a hub
+        name), through ``transformers.AutoTokenizer``; it must be a fast tokenizer with a pad
+        token, which the saved ``tokenizer.json`` records as its padding."""
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(name_or_path)
+        if not hf.is_fast:
+            raise ValueError(f"{name_or_path}: only fast (tokenizers) tokenizers are supported")
+        if hf.pad_token_id is None:
+            raise ValueError(f"{name_or_path}: the tokenizer has no pad token")
+        tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        tok.no_truncation()
+        tok.enable_padding(pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+        return cls(tok)
+
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` (single file, loadable with ``Tokenizer.from_file``)."""
         self.tokenizer.save(str(path))
@@ -56,6 +75,7 @@ class TextTokenizer:
         """A copy truncating to ``max_length``; the original stays as trained (and as saved)."""
         if max_length not in self._truncating:
             copy = Tokenizer.from_str(self.tokenizer.to_str())
+            copy.no_padding()  # rows are padded here, with the mask
             copy.enable_truncation(max_length)
             self._truncating[max_length] = copy
         return self._truncating[max_length]

@@ -48,12 +48,17 @@ def _normalise(images: torch.Tensor, pre, device) -> torch.Tensor:
     return (images.to(device).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
-def _forever(shard, batch_size: int, name: str):
-    """Batches of a dataset shard, epoch after epoch."""
+def _forever(shard, batch_size: int, name: str, device):
+    """Batches of a dataset shard on ``device``, epoch after epoch; the next batches are
+    fetched and moved while a step runs."""
     while True:
         empty = True
         for batch in shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            device=device,
+            prefetch_batches=2,
         ):
             empty = False
             yield batch
@@ -186,7 +191,8 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     )
     head = ShardedMarginSoftmax(head_cfg).to(device)
     if cfg.run.fsdp and head.world_size > 1:
-        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",))
+        policy = mixed_precision_policy(cfg, device)
+        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",), mp_policy=policy)
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -194,6 +200,23 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     _init_state(optim)
     _init_state(head_optim)
     return model, head, optim, head_optim
+
+
+def mixed_precision_policy(cfg: TrainConfig, device: torch.device):
+    """bf16 on GPU: FSDP2's policy (parameters gathered and computed in bf16, gradients reduced
+    in float32); None otherwise (CPU and fp32 runs), where :func:`autocast` does the casting."""
+    if cfg.run.precision != "bf16" or device.type != "cuda":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast for the encoders' forward when ``run.precision`` is bf16 (whatever FSDP
+    casts, ops autocast keeps in float32 stay there); the classifier's softmax is float32
+    inside the head either way."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16")
 
 
 def _init_state(optim) -> None:
@@ -233,11 +256,10 @@ def train_loop_per_worker(config: dict) -> None:
     step = _restore(checkpoint, model, optim, head, head_optim) if checkpoint else 0
     resumed_from = step
     pre = cfg.model.preprocess
-    docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs")
+    docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs", device)
     shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
-    queries = _forever(shard, cfg.data.query_batch_size, "queries") if shard else None
+    queries = _forever(shard, cfg.data.query_batch_size, "queries", device) if shard else None
     budget = _time_budget(started, config.get("deadline"))
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16")
     clock = {"wait": 0.0, "total": 0.0, "samples": 0, "run_wait": 0.0, "run_total": 0.0}
     while step < cfg.total_steps:
         t0 = time.monotonic()
@@ -247,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress = cfg.progress(step, parallel.max_over_ranks(elapsed))
         stage = cfg.stage_at(progress)
         _set_lr(cfg, step, progress, optim, head_optim)
-        with autocast:
+        with autocast(cfg, device):
             loss = train_step(
                 model, head, batch, towers=stage.towers, text_weight=cfg.head.text_weight
             )
@@ -384,12 +406,11 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         batch_format="pyarrow",
         batch_size=256,
         num_cpus=0.5,
-        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        compute=ActorPoolStrategy(min_size=1, max_size=max(2, 2 * cfg.run.workers)),
         fn_constructor_kwargs=dict(
             class_map={str(k): k for k in range(class_map["num_classes"])},
             tokenizer_path=tokenizer_path,
-            image_size=pre.image_size,
-            max_text_length=pre.max_text_length,
+            preprocess=pre,
         ),
     )
     if cfg.data.cache:
@@ -425,9 +446,10 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     from oclear_ray.govern import find_class_map
-    from oclear_ray.text import train_tokenizer
+    from oclear_ray.model import resolve_pretrained
 
     deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
+    cfg = replace(cfg, model=resolve_pretrained(cfg.model))  # before any data or worker
     workdir = storage.absolute(workdir)  # Ray Train's workers do not run in this directory
     docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
     q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
@@ -437,7 +459,7 @@ def fit(
     if not class_map["labels"]:
         raise ValueError(f"no labelled documents in {catalog}: training needs a label column")
     train_dir = storage.join(workdir, "train")
-    tokenizer_path = _tokenizer(train_dir, docs, cfg, train_tokenizer)
+    tokenizer_path = _tokenizer(train_dir, docs, cfg)
     vocab = _vocab_size(tokenizer_path)
     cfg = replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, vocab_size=vocab)))
     datasets = {
@@ -490,10 +512,16 @@ def fit(
     )
 
 
-def _tokenizer(train_dir: str, docs, cfg: TrainConfig, train_tokenizer) -> str:
-    """Train the text tokenizer on the catalog's own text once; reuse it on resume."""
+def _tokenizer(train_dir: str, docs, cfg: TrainConfig) -> str:
+    """A pretrained text tower's own tokenizer; else one trained on the catalog's text once
+    (reused on resume)."""
+    from oclear_ray.text import TextTokenizer, train_tokenizer
+
     path = storage.join(train_dir, "tokenizer.json")
-    if not storage.exists(path):
+    if cfg.model.text.pretrained_path:
+        tok = TextTokenizer.from_pretrained(cfg.model.text.pretrained_path)
+        storage.write_bytes(path, tok.tokenizer.to_str().encode())
+    elif not storage.exists(path):
         texts = (
             t
             for b in docs.select_columns(["text"]).iter_batches(batch_format="pyarrow")

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from oclear_ray.contract import Limits
+from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import merge
 from oclear_ray.serve import (
     MAX_K,
@@ -160,8 +161,8 @@ class SearchService:
     loaded index state (documents, thumbnails, shard info). Searches answer 503 until
     ``loaded``."""
 
-    def __init__(self, *, limits: Limits, image_size: int, answer: Answer, info):
-        self.limits, self.image_size, self.answer = limits, image_size, answer
+    def __init__(self, *, limits: Limits, preprocess: PreprocessConfig, answer: Answer, info):
+        self.limits, self.preprocess, self.answer = limits, preprocess, answer
         self.info = dict(info)
         self.state, self.error = "loading", None
         self.documents = self.thumbnails = None
@@ -250,9 +251,9 @@ async def parse_query(request: Request, service: SearchService) -> Query:
     if fields.get("image") is not None:
         data = fields["image"]
         if decodes_quickly(data):  # a thread hop would cost more than the decode
-            pixels = query_pixels(data, limits, service.image_size)
+            pixels = query_pixels(data, limits, service.preprocess)
         else:
-            pixels = await asyncio.to_thread(query_pixels, data, limits, service.image_size)
+            pixels = await asyncio.to_thread(query_pixels, data, limits, service.preprocess)
     return Query(pixels, text, k, category)
 
 

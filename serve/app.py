@@ -22,6 +22,8 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from oclear_ray.contract import Limits
+from oclear_ray.embed import inference_autocast
+from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.serve import (
     Paths,
     ShardSearcher,
@@ -51,7 +53,12 @@ _KINDS = {"str": str, "str | None": str, "int": int, "float": float}
 
 @dataclass(kw_only=True)
 class AppArgs:
-    """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``)."""
+    """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``).
+
+    ``num_gpus`` (default 0) is the GPUs per query encoder replica (a fraction shares one):
+    above 0 the encoder runs on CUDA in half precision (``inference_autocast``), at 0 on the
+    CPU with ``torch_threads`` threads. ``*_cpus`` are the CPUs per replica of each deployment.
+    """
 
     workdir: str = "work"
     model_dir: str | None = None
@@ -65,6 +72,7 @@ class AppArgs:
     shard_replicas: int = 1
     ingress_replicas: int = 1
     encoder_cpus: float = 0.25
+    num_gpus: float = 0.0
     shard_cpus: float = 0.1
     ingress_cpus: float = 0.25
     max_bytes: int = 10_000_000
@@ -87,6 +95,9 @@ class AppArgs:
         for name in ("encoder_cpus", "shard_cpus", "ingress_cpus"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        gpus = self.num_gpus
+        if isinstance(gpus, bool) or not isinstance(gpus, int | float) or not gpus >= 0:
+            raise ValueError(f"num_gpus must be a number >= 0, got {gpus!r}")
         Limits(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
     @classmethod
@@ -96,11 +107,29 @@ class AppArgs:
         unknown = set(args) - set(kinds)
         if unknown:
             raise ValueError(f"unknown app args: {', '.join(sorted(unknown))}")
-        return cls(**{k: None if v is None else kinds[k](v) for k, v in args.items()})
+        return cls(**{k: None if v is None else _convert(k, kinds[k], v) for k, v in args.items()})
 
     @property
     def paths(self) -> Paths:
         return Paths.of(self.workdir, self.model_dir)
+
+    @property
+    def encoder_device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def encoder_resources(self) -> dict:
+        """``ray_actor_options`` of the query encoder replicas."""
+        gpus = {"num_gpus": self.num_gpus} if self.num_gpus > 0 else {}
+        return {"num_cpus": self.encoder_cpus, **gpus}
+
+
+def _convert(name: str, kind: type, value):
+    """``value`` as ``kind``; an error naming the arg when it is not one."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from exc
 
 
 @serve.deployment(
@@ -119,9 +148,18 @@ class AppArgs:
     ray_actor_options={"num_cpus": 0.25},
 )
 class QueryEncoder:
-    """The exported query encoder; concurrent calls are batched into one model call."""
+    """The exported query encoder on ``device`` (half precision on CUDA, see
+    ``inference_autocast``); concurrent calls are batched into one model call."""
 
-    def __init__(self, model_dir: str, model_version: str, *, batch: dict, threads: int = 1):
+    def __init__(
+        self,
+        model_dir: str,
+        model_version: str,
+        *,
+        batch: dict,
+        threads: int = 1,
+        device: str = "cpu",
+    ):
         import torch
 
         from oclear_ray.export import load_query_encoder
@@ -133,19 +171,25 @@ class QueryEncoder:
                 f"model at {model_dir} is now version {self.encoder.model_version}, the app "
                 f"was built for {model_version}: redeploy"
             )
+        self.encoder.model.to(device)
+        self.device = device
         self.encode.set_max_batch_size(batch["max_batch_size"])
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
         # one call before taking traffic: the first forward pass is several times slower
         size = self.encoder.preprocess.image_size
-        encode_queries(self.encoder, [(np.full((size, size, 3), 255, np.uint8), "warm up")])
+        self._encode([(np.full((size, size, 3), 255, np.uint8), "warm up")])
+
+    def _encode(self, items: list[tuple]) -> list[np.ndarray]:
+        with inference_autocast(self.device):
+            return encode_queries(self.encoder, items)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def encode(self, calls: list[list[tuple]]) -> list[np.ndarray]:
         """Each call is a list of ``(pixels or None, text or None)``; returns [n, D] per call."""
         items = [item for call in calls for item in call]
         self.batches = (self.batches + [len(items)])[-1000:]
-        vectors = np.stack(encode_queries(self.encoder, items))
+        vectors = np.stack(self._encode(items))
         return np.split(vectors, np.cumsum([len(c) for c in calls])[:-1])
 
     def batch_sizes(self) -> list[int]:
@@ -227,7 +271,7 @@ class SearchIngress:
         )
         self.service = SearchService(
             limits=Limits(max_bytes=self.args.max_bytes, max_pixels=self.args.max_pixels),
-            image_size=int(model["model"]["preprocess"]["image_size"]),
+            preprocess=PreprocessConfig(**model["model"]["preprocess"]),
             answer=self.batcher if self.args.max_batch_size > 1 else self.answer_one,
             info=info,
         )
@@ -293,8 +337,12 @@ def build_app(args: dict):
         "max_batch_size": app_args.max_batch_size,
         "batch_wait_timeout_s": app_args.encoder_wait_timeout_s,
     }
-    encoder = QueryEncoder.options(ray_actor_options={"num_cpus": app_args.encoder_cpus}).bind(
-        paths.model_dir, version, batch=batch, threads=app_args.torch_threads
+    encoder = QueryEncoder.options(ray_actor_options=app_args.encoder_resources).bind(
+        paths.model_dir,
+        version,
+        batch=batch,
+        threads=app_args.torch_threads,
+        device=app_args.encoder_device,
     )
     shards = [
         IndexShard.options(

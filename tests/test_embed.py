@@ -1,16 +1,24 @@
-"""Catalog -> embeddings -> FAISS shards -> search, end to end on a local Ray."""
+"""Catalog -> embeddings -> FAISS shards -> search, end to end on a local Ray; the device and
+precision the encoder actors run in."""
+
+import contextlib
+import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from oclear_ray import embed
 from oclear_ray.cli import app
 from oclear_ray.embed import (
     DocEmbedder,
     EmbedConfig,
+    _actor_resources,
     embed_catalog,
+    inference_autocast,
     list_parts,
     read_parts,
     vectors_of,
@@ -93,6 +101,44 @@ def embeddings(workdir) -> dict:
     table = read_parts(list_parts(str(workdir / "embed")))
     assert len(set(table.column("doc_id").to_pylist())) == table.num_rows  # no duplicates
     return dict(zip(table.column("doc_id").to_pylist(), vectors_of(table), strict=True))
+
+
+def test_actors_take_a_gpu_when_asked():
+    assert _actor_resources(EmbedConfig(use_gpu=True, cpus_per_actor=2)) == (
+        {"num_gpus": 1, "num_cpus": 2},
+        "cuda",
+    )
+    assert _actor_resources(EmbedConfig(use_gpu=False)) == ({"num_cpus": 1.0}, "cpu")
+
+
+@pytest.mark.parametrize(("bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_inference_autocast_is_half_precision_on_cuda_only(monkeypatch, bf16, dtype):
+    assert isinstance(inference_autocast("cpu"), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    with warnings.catch_warnings():  # without CUDA torch warns that it disables autocast
+        warnings.simplefilter("ignore")
+        for device in ("cuda", torch.device("cuda", 0)):
+            context = inference_autocast(device)
+            assert (context.device, context.fast_dtype) == ("cuda", dtype)
+
+
+def test_doc_embedder_runs_under_its_devices_autocast_and_returns_float32(
+    catalog, model_dir, monkeypatch
+):
+    table = pq.read_table(catalog[0]).slice(0, 16)
+    want = vectors_of(DocEmbedder(model_dir, threads=1)(table))
+    devices = []
+
+    def half(device):  # what CUDA gets, in CPU autocast: bf16 matmuls here
+        devices.append(device)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(embed, "inference_autocast", half)
+    rows = DocEmbedder(model_dir, threads=1)(table)
+    got = vectors_of(rows)
+    assert devices == ["cpu"] and rows.schema.field("vector").type.value_type == pa.float32()
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(got, want)
 
 
 def test_killed_embedding_resumes_to_the_uninterrupted_result(resumed, catalog, model_dir):

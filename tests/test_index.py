@@ -113,7 +113,8 @@ def _shards(tmp_path, trained, parts, placement, lists=None):
 
 def test_sharded_flat_search_and_merge_equals_one_flat_index(tmp_path):
     x, xq = blobs(1000), blobs(50, seed=1)
-    trained = train(make_index("Flat", D)[0], x[:0])
+    trained, trained_on = train(make_index("Flat", D)[0], x[:0])
+    assert trained_on is None  # nothing to train
     placement = np.repeat(np.arange(3), [333, 333, 334])
     shards = _shards(tmp_path, trained, _part(tmp_path, x), placement)
     D_, I = merge([search_shard(s, xq, 10) for s in shards], 10)
@@ -127,7 +128,7 @@ def test_sharded_flat_search_and_merge_equals_one_flat_index(tmp_path):
 def test_ivf_shards_own_whole_lists_and_equal_one_ivf_index(tmp_path):
     x, xq = blobs(4000), blobs(50, seed=1)
     index, _ = make_index("IVF32,Flat", D)
-    trained, parts = train(index, x), _part(tmp_path, x)
+    (trained, _), parts = train(index, x), _part(tmp_path, x)
     lists = assign_lists(trained=trained, parts=parts, rows=np.arange(4000))
     owner = list_owners(np.bincount(lists, minlength=32), 4)
     shards = _shards(tmp_path, trained, parts, owner[lists], lists)
@@ -290,7 +291,7 @@ def test_many_changes_trigger_a_rebuild_that_forgets_deletions(built):
     result = sync(workdir, delete=ids[:200], config=IndexConfig(rebuild_fraction=0.3))
     m = result.manifest
     assert result.action == "built" and "rebuild_fraction" in result.reason
-    assert m["count"] == 400 and m["built"] == {"version": 2, "count": 400}
+    assert m["count"] == 400 and m["built"] == {"version": 2, "count": 400, "trained_on": None}
     assert all(s["deleted"] == [] for s in m["shards"]) and len(m["shards"]) == 3
     assert shard_files(workdir) == [f"shard-00{i}.v2.faiss" for i in range(3)]
     assert sorted(os.listdir(workdir / "index")) == sorted(
@@ -308,19 +309,25 @@ def test_new_model_version_rebuilds(built):
     assert read_manifest(str(workdir / "index"), "mv2")["count"] == 300
 
 
+def ivf_recall(workdir, x) -> float:
+    """recall@10 of the index in ``workdir`` against exact search over ``x`` (``blobs`` around
+    50 centres), for new points around the same centres."""
+    index = SearchIndex.load(str(workdir / "index"))
+    xq = blobs(100, centres=50, seed=1)
+    exact = faiss.IndexFlatIP(D)
+    exact.add(x)
+    _, I_ref = exact.search(xq, 10)
+    _, I = index.search(xq, 10)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)]))
+
+
 def test_ivf_index_is_tuned_and_adds_go_to_the_owner_of_their_list(tmp_path):
     x, ids = blobs(4000, centres=50), doc_ids(4000)
     write_embeddings(tmp_path, x, ids, rows_per_part=1000)
     m = sync(tmp_path, config=IndexConfig(shards=2, factory="IVF32,Flat")).manifest
     assert m["shared_quantizer"] and m["tuned_recall"] >= 0.95 and len(m["list_owner"]) == 32
     index = SearchIndex.load(str(tmp_path / "index"))
-    xq = blobs(100, centres=50, seed=1)  # new points around the same centres
-    exact = faiss.IndexFlatIP(D)
-    exact.add(x)
-    _, I_ref = exact.search(xq, 10)
-    _, I = index.search(xq, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)])
-    assert recall >= 0.9
+    assert ivf_recall(tmp_path, x) >= 0.9
     extra = blobs(30, centres=50, seed=2)
     write_embeddings(tmp_path, extra, doc_ids(30, start=4000), first_part=10)
     m = sync(tmp_path).manifest
@@ -328,6 +335,33 @@ def test_ivf_index_is_tuned_and_adds_go_to_the_owner_of_their_list(tmp_path):
     docs = SearchIndex.load(str(tmp_path / "index")).documents.slice(4000)
     lists = index.quantizer.assign(extra, 1).ravel()
     assert docs.column("shard").to_pylist() == [m["list_owner"][lst] for lst in lists]
+
+
+def test_ivf_quantizer_trains_where_faiss_has_gpus_here_the_cpu(tmp_path):
+    x = blobs(1000, centres=50)
+    write_embeddings(tmp_path, x, doc_ids(1000), rows_per_part=500)
+    result = sync(tmp_path, config=IndexConfig(factory="IVF16,Flat"))
+    device = "gpu" if faiss.get_num_gpus() else "cpu"  # "cpu" on a faiss-cpu build
+    assert result.manifest["built"]["trained_on"] == result.to_dict()["trained_on"] == device
+
+
+def test_ivf_quantizer_trains_on_the_gpus_when_faiss_has_them(tmp_path, monkeypatch):
+    clones = []
+
+    def to_all_gpus(index):  # a CPU flat index stands in for the GPU copy
+        clones.append(faiss.IndexFlat(index.d, index.metric_type))
+        return clones[-1]
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus)
+    x = blobs(1000, centres=50)
+    write_embeddings(tmp_path, x, doc_ids(1000), rows_per_part=500)
+    result = sync(tmp_path, config=IndexConfig(factory="IVF16,Flat"))
+    (clone,) = clones
+    assert clone.metric_type == faiss.METRIC_INNER_PRODUCT and clone.d == D
+    assert clone.ntotal == 16  # the k-means ran on it: it holds the final centroids
+    assert result.manifest["built"]["trained_on"] == result.to_dict()["trained_on"] == "gpu"
+    assert result.manifest["tuned_recall"] >= 0.95 and ivf_recall(tmp_path, x) >= 0.9
 
 
 def test_index_refuses_incomplete_embeddings(tmp_path):

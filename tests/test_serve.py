@@ -28,6 +28,7 @@ from oclear_ray.contract import Limits
 from oclear_ray.embed import DocEmbedder, part_path, write_part, write_summary
 from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, local_map, sync_index
+from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import SearchIndex, load_documents, read_manifest
 from oclear_ray.serve import (
     Paths,
@@ -48,6 +49,7 @@ from serve.api import Query, QueryBatcher, SearchService, build_api, search_batc
 from tests.conftest import jpeg_bytes, png_bytes
 from tests.tiny import export_random_model
 
+PRE = PreprocessConfig(image_size=32)
 LIMITS = Limits(max_bytes=200_000, max_pixels=1_000_000)
 APP_ARGS = {"max_bytes": LIMITS.max_bytes, "max_pixels": LIMITS.max_pixels, "shard_replicas": 2}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -107,7 +109,7 @@ def test_bad_images_are_refused_with_their_status(data, status):
 
 
 def test_query_pixels_decodes_to_the_model_size():
-    pixels = query_pixels(png_bytes(size=(50, 20), mode="RGBA", color=(0, 0, 0, 0)), LIMITS, 32)
+    pixels = query_pixels(png_bytes(size=(50, 20), mode="RGBA", color=(0, 0, 0, 0)), LIMITS, PRE)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     assert (pixels == 255).all()  # transparent composited onto white, as in embedding
 
@@ -132,10 +134,10 @@ def test_encode_queries_batches_mixed_queries_like_single_ones(work):
     torch.set_num_threads(1)
     images = work[1].column("image").to_pylist()[:3]
     items = [
-        (query_pixels(images[0], LIMITS, 32), None),
+        (query_pixels(images[0], LIMITS, PRE), None),
         (None, "red square"),
-        (query_pixels(images[1], LIMITS, 32), "a thing"),
-        (query_pixels(images[2], LIMITS, 32), None),
+        (query_pixels(images[1], LIMITS, PRE), "a thing"),
+        (query_pixels(images[2], LIMITS, PRE), None),
     ]
     batched = encode_queries(encoder, items)
     single = [encode_queries(encoder, [item])[0] for item in items]
@@ -205,7 +207,7 @@ def in_process_service(workdir: str, *, load: bool = True) -> SearchService:
         return (await search_batch([query], encode, search))[0]
 
     info = {"model_version": model["model_version"], "index_version": index["version"]}
-    service = SearchService(limits=LIMITS, image_size=32, answer=answer, info=info)
+    service = SearchService(limits=LIMITS, preprocess=PRE, answer=answer, info=info)
     if load:
         docs = load_documents(paths.index_dir, index)
         service.loaded(docs, Thumbnails(docs, embedded_catalog(workdir)), [s.info for s in shards])
@@ -231,7 +233,7 @@ def test_search_batch_answers_each_query_as_if_alone(work):
 
     workdir, catalog = work
     service = in_process_service(workdir)
-    images = [query_pixels(b, LIMITS, 32) for b in catalog["image"].to_pylist()[:4]]
+    images = [query_pixels(b, LIMITS, PRE) for b in catalog["image"].to_pylist()[:4]]
     prefix = catalog["category"][0].as_py().split("/")[0]
     queries = [
         Query(images[0], None, 3, None),
@@ -328,12 +330,38 @@ def test_app_args_convert_yaml_values_and_refuse_bad_ones():
         {"encoder_wait_timeout_s": -1.0},
         {"encoder_cpus": 0.0},
         {"concurrent_batches": 0},
+        {"num_gpus": -1},
+        {"num_gpus": "1"},
+        {"num_gpus": float("nan")},
     ]
     for values in bad:
         with pytest.raises(ValueError, match=next(iter(values))):
             AppArgs(**values)
     with pytest.raises(ValueError, match="unknown app args: colour"):
         AppArgs.from_dict({"colour": "red"})
+    with pytest.raises(ValueError, match="num_gpus must be float, got 'one'"):
+        AppArgs.from_dict({"num_gpus": "one"})
+    with pytest.raises(ValueError, match="num_gpus must be a number >= 0, got -0.5"):
+        AppArgs.from_dict({"num_gpus": "-0.5"})
+    assert AppArgs.from_dict({"num_gpus": "0.5"}).num_gpus == 0.5
+
+
+def encoder_deployment(app):
+    """The ``QueryEncoder`` deployment of a built app, as Serve would deploy it."""
+    from ray.serve._private.build_app import build_app as build_graph
+
+    graph = build_graph(app, name="oclear")
+    return next(d for d in graph.deployments if d.name == "QueryEncoder")
+
+
+@pytest.mark.parametrize(("num_gpus", "device"), [(0, "cpu"), (1, "cuda"), (0.5, "cuda")])
+def test_num_gpus_gives_the_query_encoder_gpus_and_cuda(work, num_gpus, device):
+    from serve.app import build_app
+
+    encoder = encoder_deployment(build_app({"workdir": work[0], "num_gpus": num_gpus}))
+    assert encoder.ray_actor_options.get("num_gpus", 0) == num_gpus
+    assert encoder.ray_actor_options["num_cpus"] == 0.25
+    assert encoder.init_kwargs["device"] == device
 
 
 def test_config_yaml_deploys_the_app_builder_with_its_deployments(work):
@@ -352,6 +380,11 @@ def test_config_yaml_deploys_the_app_builder_with_its_deployments(work):
     names = {d.name for d in graph.deployments}
     assert {d.name for d in application.deployments} <= names
     assert names == {"SearchIngress", "QueryEncoder", "IndexShard0", "IndexShard1"}
+    # the encoder's resources follow args.encoder_cpus and args.num_gpus: an entry there
+    # would replace them whole
+    (entry,) = [d for d in application.deployments if d.name == "QueryEncoder"]
+    assert "ray_actor_options" not in entry.model_dump(exclude_unset=True)
+    assert application.args["num_gpus"] == 0
 
 
 # ---- on Ray Serve -----------------------------------------------------------------------------
@@ -400,7 +433,7 @@ def test_served_search_equals_the_library_search_in_process(server, work):
         assert response.status_code == 200, response.text
         hits = response.json()["results"]
         assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
-        pixels = query_pixels(image, LIMITS, 32)
+        pixels = query_pixels(image, LIMITS, PRE)
         xq = encode_queries(encoder, [(pixels, None)])
         expected = local.search_documents(np.stack(xq), 5)[0]
         assert [h["doc_id"] for h in hits] == [e["doc_id"] for e in expected]

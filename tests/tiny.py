@@ -38,3 +38,50 @@ def export_random_model(texts: list[str], out, seed: int = 0) -> str:
         embed_dim=32,
     )
     return export_model(RetrievalModel(config).eval(), tokenizer, out)
+
+
+#: the preprocessing the pretrained test backbone declares (unlike the ImageNet defaults)
+BACKBONE_PREPROCESS = {
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.3),
+    "interpolation": "bilinear",
+    "crop_pct": 0.9,
+}
+
+
+def save_pretrained_backbone(out, name: str = "resnet10t", seed: int = 0):
+    """A random-init timm backbone saved as a pretrained one is published
+    (``timm.models.save_for_hf``: ``config.json`` + ``model.safetensors``), declaring
+    :data:`BACKBONE_PREPROCESS`; returns the model."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    net = timm.create_model(name, pretrained=False)
+    net.pretrained_cfg = {**net.pretrained_cfg, **BACKBONE_PREPROCESS}
+    save_for_hf(net, str(out))
+    return net
+
+
+def save_pretrained_text(out, words: list[str], seed: int = 0):
+    """A tiny random-init BERT and its WordPiece tokenizer (vocabulary: the special tokens and
+    ``words``) saved with ``save_pretrained``; returns the tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(out))
+    torch.manual_seed(seed)
+    hf = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertModel(hf).save_pretrained(str(out))
+    return tokenizer
