@@ -376,6 +376,9 @@ def serve(
     port: int = typer.Option(8000, help="HTTP port."),
     shard_replicas: int = typer.Option(1, help="Replicas per index shard deployment."),
     max_batch_size: int = typer.Option(16, help="Query encoder dynamic batch size."),
+    num_gpus: float = typer.Option(
+        0, help="GPUs per query-encoder replica (> 0: the encoder runs on CUDA, half precision)."
+    ),
     address: RayAddress = None,
 ):
     """Serve the search app (page at /, API at /v1/...) with Ray Serve until interrupted."""
@@ -391,7 +394,13 @@ def serve(
 
     init_ray(address)
     url = _start_app(
-        workdir, model_dir, host, port, shard_replicas=shard_replicas, max_batch_size=max_batch_size
+        workdir,
+        model_dir,
+        host,
+        port,
+        shard_replicas=shard_replicas,
+        max_batch_size=max_batch_size,
+        num_gpus=num_gpus,
     )
     console.print(f"serving on {url}/ (Ctrl-C to stop)")
     _serve_forever()

@@ -15,7 +15,6 @@ the plain model refuses it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -96,24 +95,9 @@ def vectors_of(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def inference_autocast(device):
-    """The autocast context every encoder runs its forward under on ``device``.
-
-    On CUDA: bfloat16 where the GPU supports it (the precision GPU training runs in, with
-    float32's range), else float16 (pre-Ampere GPUs). Elsewhere none: CPU inference stays
-    float32. Callers turn the outputs to float32 (``.float()``) before they leave the encoder.
-    """
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 class DocEmbedder:
     """``map_batches`` class: loads the document encoder once per actor on ``device``, embeds a
-    batch (in half precision on a GPU, see ``inference_autocast``) into float32 vectors.
+    batch (in half precision on a GPU: ``export.inference_autocast``) into float32 vectors.
 
     Input: contract rows with image bytes resolved (``clean``); output: ``embedding_table``.
     """
@@ -128,15 +112,13 @@ class DocEmbedder:
         torch.set_num_threads(threads)
         self.encoder = load_doc_encoder(model_dir)
         self.encoder.model.to(device)
-        self.device = device
         self.image_only = image_only
         self.version = embedding_version(self.encoder.model_version, image_only)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
         texts = None if self.image_only else [t or "" for t in batch.column("text").to_pylist()]
-        with inference_autocast(self.device):
-            vectors = self.encoder.encode_doc(images, texts).float().cpu().numpy()
+        vectors = self.encoder.encode_doc(images, texts).cpu().numpy()
         return embedding_table(batch, vectors, self.version)
 
 
@@ -271,7 +253,7 @@ def _actor_resources(config: EmbedConfig) -> tuple[dict, str]:
 def encoder_pool(ds, encoder_cls, model_dir: str, config: EmbedConfig, **kwargs):
     """``ds`` through a pool of ``encoder_cls(model_dir=, threads=, device=, **kwargs)`` actors
     (``config``: actors, their resources, batch size). The class runs its encoder on ``device``
-    under ``inference_autocast(device)``.
+    (in half precision on a GPU: ``export.inference_autocast``).
 
     Blocks are first cut to one batch each (a streaming repartition), so that every actor gets
     work even when the source is one large row group, and results stream as batches finish.

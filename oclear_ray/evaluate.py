@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from oclear_ray import storage
-from oclear_ray.embed import EmbedConfig, embedding_version, inference_autocast
+from oclear_ray.embed import EmbedConfig, embedding_version
 
 NO_CATEGORY = "(none)"
 
@@ -175,7 +175,7 @@ def sampled(ids, rate: float) -> np.ndarray:
 
 class QueryEmbedder:
     """``map_batches`` class: loads the query encoder once per actor on ``device``, embeds a
-    batch (in half precision on a GPU, see ``inference_autocast``) into float32 vectors.
+    batch (in half precision on a GPU: ``export.inference_autocast``) into float32 vectors.
 
     Output: ``query_id``, ``label``, ``text``, ``vector`` and ``thumbnail`` (PNG bytes for the
     ``thumb_rate`` sample of queries the report shows, else null).
@@ -189,14 +189,12 @@ class QueryEmbedder:
         torch.set_num_threads(threads)
         self.encoder = load_query_encoder(model_dir)
         self.encoder.model.to(device)
-        self.device = device
         self.thumb_rate = thumb_rate
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
         texts = [t or "" for t in batch.column("text").to_pylist()]
-        with inference_autocast(self.device):
-            vectors = encode_queries(self.encoder, images, texts)
+        vectors = encode_queries(self.encoder, images, texts)
         ids = batch.column("query_id").to_pylist()
         show = sampled(ids, self.thumb_rate)
         thumbs = [thumbnail(b) if s else None for b, s in zip(images, show, strict=True)]

@@ -15,6 +15,7 @@ a sha256 over the config and the file digests, and loading refuses files that do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -66,6 +67,20 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def inference_autocast(device):
+    """The autocast context the exported encoders run their forward under on ``device``
+    (embedding, evaluation and serving alike).
+
+    On CUDA: bfloat16 where the GPU supports it (the precision GPU training runs in, with
+    float32's range), else float16 (pre-Ampere GPUs). Elsewhere none: CPU inference stays
+    float32. Callers turn the outputs to float32 (``.float()``) before they leave the encoder.
+    """
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def exported_config(model: RetrievalModel) -> ModelConfig:
@@ -169,9 +184,12 @@ class ExportedEncoder:
     def encode_doc(
         self, images: ImageBatch, texts: Sequence[str] | None = None, *, return_gate: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Document embeddings [B, D] (and gates [B]) from images and optional texts."""
+        """Document embeddings [B, D] (and gates [B]) from images and optional texts, float32
+        (computed under :func:`inference_autocast` of the model's device)."""
         text = self.texts(texts) if texts is not None else (None, None)
-        return self.model.encode_doc(self.images(images), *text, return_gate=return_gate)
+        with inference_autocast(self._device):
+            out = self.model.encode_doc(self.images(images), *text, return_gate=return_gate)
+        return _float(out)
 
     @torch.inference_mode()
     def encode_query(
@@ -181,10 +199,17 @@ class ExportedEncoder:
         *,
         return_gate: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Query embeddings [B, D] (and gates [B]) from images, texts, or both."""
+        """Query embeddings [B, D] (and gates [B]) from images, texts, or both, float32
+        (computed under :func:`inference_autocast` of the model's device)."""
         pixels = self.images(images) if images is not None else None
         text = self.texts(texts) if texts is not None else (None, None)
-        return self.model.encode_query(pixels, *text, return_gate=return_gate)
+        with inference_autocast(self._device):
+            out = self.model.encode_query(pixels, *text, return_gate=return_gate)
+        return _float(out)
+
+
+def _float(out: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    return tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()
 
 
 def _load(model_dir: str | Path, part: str) -> ExportedEncoder:

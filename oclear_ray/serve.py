@@ -177,8 +177,8 @@ def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -
     """Embed a batch of ``(pixels or None, text or None)`` queries with an ``ExportedEncoder``.
 
     Queries are grouped by what they carry (image, text, both) so that each group is one model
-    call; the result keeps the input order. Vectors are float32 whatever precision the caller
-    runs the encoder in (``QueryEncoder``: ``inference_autocast`` of its device).
+    call; the result keeps the input order. Vectors are float32 (the encoder runs in half
+    precision on a GPU: ``export.inference_autocast``).
     """
     import torch
 

@@ -4,7 +4,10 @@
 map and the tokenizer, wires the Ray Data pipelines to a ``TorchTrainer`` and returns where the
 exported model is. ``train_loop_per_worker`` is what each worker runs: build, shard, restore,
 step, checkpoint, export. Rerunning with the same work directory resumes from the last
-checkpoint, with the same or another number of workers.
+checkpoint, with the same or another number of workers. The worker step (``train_step``,
+precision) imports only torch, timm and transformers, so ``bench/gpu_check.py`` runs it on a bare
+GPU machine; the storage layer (pyarrow, fsspec) is imported where the driver and the export use
+it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from oclear_ray import parallel, storage
+from oclear_ray import parallel
 from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
 from oclear_ray.config import TrainConfig
-from oclear_ray.contract import CATALOG, QUERIES
 from oclear_ray.model import RetrievalModel
 
 LOG = "[oclear train]"
@@ -261,6 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
     queries = _forever(shard, cfg.data.query_batch_size, "queries", device) if shard else None
     budget = _time_budget(started, config.get("deadline"))
     clock = {"wait": 0.0, "total": 0.0, "samples": 0, "run_wait": 0.0, "run_total": 0.0}
+    clock["run_samples"] = 0
     while step < cfg.total_steps:
         t0 = time.monotonic()
         batch = _make_batch(next(docs), next(queries) if queries else None, pre, device)
@@ -321,11 +324,13 @@ def _metrics(step, stage: str, loss, clock, world) -> dict:
     total = max(clock["total"], 1e-9)
     clock["run_wait"] += clock["wait"]
     clock["run_total"] += clock["total"]
+    clock["run_samples"] += clock["samples"]
     metrics = {
         "step": step,
         "stage": stage,
         "loss": float(loss.detach()),
         "samples_per_s": clock["samples"] * world / total,
+        "run_samples_per_s": clock["run_samples"] * world / max(clock["run_total"], 1e-9),
         "data_wait": clock["wait"] / total,
         "run_data_wait": clock["run_wait"] / max(clock["run_total"], 1e-9),
         "startup_wait_s": clock["startup_wait_s"],
@@ -339,6 +344,7 @@ def _export(model, cfg: TrainConfig, config: dict) -> None:
     import ray.train
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from oclear_ray import storage
     from oclear_ray.export import export_model
     from oclear_ray.text import TextTokenizer
 
@@ -369,6 +375,7 @@ class TrainResult:
 
 def _validated(path: str, contract, workdir: str, progress=None):
     """Read, validate (quarantining bad rows) and return the clean dataset and its report."""
+    from oclear_ray import storage
     from oclear_ray.read import clean, read, validate
 
     name = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
@@ -445,6 +452,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from oclear_ray import storage
+    from oclear_ray.contract import CATALOG, QUERIES
     from oclear_ray.govern import find_class_map
     from oclear_ray.model import resolve_pretrained
 
@@ -515,6 +524,7 @@ def fit(
 def _tokenizer(train_dir: str, docs, cfg: TrainConfig) -> str:
     """A pretrained text tower's own tokenizer; else one trained on the catalog's text once
     (reused on resume)."""
+    from oclear_ray import storage
     from oclear_ray.text import TextTokenizer, train_tokenizer
 
     path = storage.join(train_dir, "tokenizer.json")

@@ -22,7 +22,6 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from oclear_ray.contract import Limits
-from oclear_ray.embed import inference_autocast
 from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.serve import (
     Paths,
@@ -56,7 +55,7 @@ class AppArgs:
     """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``).
 
     ``num_gpus`` (default 0) is the GPUs per query encoder replica (a fraction shares one):
-    above 0 the encoder runs on CUDA in half precision (``inference_autocast``), at 0 on the
+    above 0 the encoder runs on CUDA in half precision (``export.inference_autocast``), at 0 on the
     CPU with ``torch_threads`` threads. ``*_cpus`` are the CPUs per replica of each deployment.
     """
 
@@ -149,7 +148,7 @@ def _convert(name: str, kind: type, value):
 )
 class QueryEncoder:
     """The exported query encoder on ``device`` (half precision on CUDA, see
-    ``inference_autocast``); concurrent calls are batched into one model call."""
+    ``export.inference_autocast``); concurrent calls are batched into one model call."""
 
     def __init__(
         self,
@@ -172,24 +171,19 @@ class QueryEncoder:
                 f"was built for {model_version}: redeploy"
             )
         self.encoder.model.to(device)
-        self.device = device
         self.encode.set_max_batch_size(batch["max_batch_size"])
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
         # one call before taking traffic: the first forward pass is several times slower
         size = self.encoder.preprocess.image_size
-        self._encode([(np.full((size, size, 3), 255, np.uint8), "warm up")])
-
-    def _encode(self, items: list[tuple]) -> list[np.ndarray]:
-        with inference_autocast(self.device):
-            return encode_queries(self.encoder, items)
+        encode_queries(self.encoder, [(np.full((size, size, 3), 255, np.uint8), "warm up")])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def encode(self, calls: list[list[tuple]]) -> list[np.ndarray]:
         """Each call is a list of ``(pixels or None, text or None)``; returns [n, D] per call."""
         items = [item for call in calls for item in call]
         self.batches = (self.batches + [len(items)])[-1000:]
-        vectors = np.stack(self._encode(items))
+        vectors = np.stack(encode_queries(self.encoder, items))
         return np.split(vectors, np.cumsum([len(c) for c in calls])[:-1])
 
     def batch_sizes(self) -> list[int]:

@@ -11,19 +11,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from oclear_ray import embed
+from oclear_ray import export
 from oclear_ray.cli import app
 from oclear_ray.embed import (
     DocEmbedder,
     EmbedConfig,
     _actor_resources,
     embed_catalog,
-    inference_autocast,
     list_parts,
     read_parts,
     vectors_of,
 )
-from oclear_ray.export import export_model, load_query_encoder
+from oclear_ray.export import export_model, inference_autocast, load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
 from oclear_ray.model import ModelConfig, RetrievalModel
 from oclear_ray.search import SearchIndex
@@ -133,7 +132,7 @@ def test_doc_embedder_runs_under_its_devices_autocast_and_returns_float32(
         devices.append(device)
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    monkeypatch.setattr(embed, "inference_autocast", half)
+    monkeypatch.setattr(export, "inference_autocast", half)
     rows = DocEmbedder(model_dir, threads=1)(table)
     got = vectors_of(rows)
     assert devices == ["cpu"] and rows.schema.field("vector").type.value_type == pa.float32()

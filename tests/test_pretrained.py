@@ -154,3 +154,61 @@ def test_image_config_refuses_two_weight_sources_and_unknown_names(tmp_path):
         ImageEncoderConfig(pretrained="nonet.tag")
     with pytest.raises(ValueError, match="image.pretrained must be true, false or"):
         ImageEncoderConfig(pretrained=3)
+
+
+@pytest.mark.ray
+def test_gpu_recipe_shrunk_from_pretrained_parts_trains_embeds_indexes_and_serves(
+    ray_cluster, folders, tmp_path
+):
+    """``configs/gpu.yaml`` at CPU sizes (bf16, ArcFace, Partial FC 0.1, augmentation, photo
+    views of documents), started from the local pretrained backbone and text model, through
+    ``oclear demo``: synth -> govern -> train (2 workers) -> embed -> index -> evaluate -> serve
+    -> one search over HTTP."""
+    import json
+    import socket
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from oclear_ray.cli import app
+
+    root, net = folders
+    with open("configs/gpu.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"] = {
+        "image": {"pretrained": f"local-dir:{root / 'cnn'}"},
+        "text": {"pretrained_path": str(root / "bert")},
+        "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
+        "preprocess": {"image_size": 32, "max_text_length": 16},
+        "embed_dim": 32,
+    }
+    cfg["data"].update(batch_size=8, query_batch_size=4)
+    cfg["run"].update(workers=2, cpus_per_worker=0.5, threads_per_worker=1, use_gpu=False)
+    cfg["run"].update(checkpoint_every=100, max_failures=0)
+    assert (cfg["run"]["precision"], cfg["head"]["sample_rate"]) == ("bf16", 0.1)
+    config = tmp_path / "gpu-small.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "work"
+    args = ["demo", "--workdir", str(workdir), "--docs", "150", "--classes", "20"]
+    args += ["--config", str(config), "--steps", "4", "--port", str(port), "--once"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "search page: http://127.0.0.1:" in result.output and "score" in result.output
+
+    model_dir = workdir / "train" / "model"
+    manifest = json.loads((model_dir / "config.json").read_text())
+    pre = PreprocessConfig(**manifest["model"]["preprocess"])
+    assert {k: getattr(pre, k) for k in BACKBONE_PREPROCESS} == BACKBONE_PREPROCESS
+    exported = TextTokenizer.from_file(model_dir / "tokenizer.json").tokenizer.get_vocab()
+    assert exported == AutoTokenizer.from_pretrained(str(root / "bert")).get_vocab()
+    trained = load_doc_encoder(model_dir).model.image_encoder.net.state_dict()
+    start = net.state_dict()
+    close = [
+        float(torch.nn.functional.cosine_similarity(trained[k].flatten(), start[k].flatten(), 0))
+        for k in trained
+        if k.endswith("conv.weight") or k.endswith("conv1.weight") or k.endswith(".0.weight")
+    ]
+    assert close and min(close) > 0.9  # trained from the pretrained weights, not from scratch
