@@ -40,6 +40,8 @@ import pyarrow as pa
 FORMAT = "oclear-ray/class-map/v1"
 POLICIES = ("none", "sqrt", "balanced")
 _WORD = re.compile(r"[a-z0-9]+")
+_NAME_TOKEN = re.compile(r"\w+|[^\w\s.,:;]")  # words and symbols (#, *, +) that can name a thing
+_SENTENCE = re.compile(r"\.\s")  # a title names its thing first; keyword lists may follow
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,9 @@ class GovernConfig:
         things; min_split: documents each part of a split needs.
     min_confidence: a noisy row whose new class has a lower vote share is dropped, not
         relabelled.
+    min_support: documents of a row's own class that sit at home elsewhere for the row to
+        count as noisy at all: looking like another class is no evidence on its own (a class's
+        only document, or a look-alike of another class, keeps its label).
     policy: per-class sampling for training: "none", "sqrt" (square-root of the class size)
         or "balanced" (every class alike); cap: most documents a class draws per epoch
         (None: no cap); tail: classes with at most this many documents count as the long tail.
@@ -84,6 +89,7 @@ class GovernConfig:
     split_similarity: float = 0.8
     min_split: int = 2
     min_confidence: float = 0.5
+    min_support: int = 2
     policy: str = "sqrt"
     cap: int | None = None
     tail: int = 5
@@ -96,6 +102,7 @@ class GovernConfig:
             "mutual",
             "min_split",
             "min_alias_docs",
+            "min_support",
             "tail",
         ):
             if getattr(self, name) < 1:
@@ -178,6 +185,7 @@ class ContentFeatures:
             {
                 "doc_id": batch.column("doc_id"),
                 "label": batch.column("label"),
+                "text": batch.column("text"),
                 "text_counts": _fixed(texts),
                 "thumb": _fixed(thumbs),
                 "colour": _fixed(colours),
@@ -379,6 +387,7 @@ def find_merges(
     owners: Owners,
     cfg: GovernConfig,
     text: np.ndarray | None = None,
+    titles: list[str] | None = None,
 ) -> list[tuple[int, int, str, float]]:
     """Alias pairs ``(label, into, reason, similarity)``.
 
@@ -391,14 +400,20 @@ def find_merges(
     documents at home) are at least ``merge_similarity`` alike. With ``text`` (per-document
     title vectors, zero rows for no title), every pair also needs title profiles at least
     ``alias_text_similarity`` alike: two products that differ only by a printed mark look
-    alike and cluster together, but their titles name different marks.
+    alike and cluster together, but their titles name different marks. With ``titles`` (the
+    raw texts), labels *named apart* are never merged: one uses a word in most of its titles
+    that none of the other's titles has ("light skin tone" / "dark skin tone", two brand
+    names), however alike the rest.
     """
     num_labels = len(owners.main)
     at_home = home_docs(clusters, labels, owners)
     home = centres(x, at_home, num_labels)
     words = None if text is None else title_profiles(text, at_home, num_labels)
+    name, used = name_words(titles, at_home, num_labels) if titles else (None, None)
 
     def named_alike(a: int, b: int) -> bool:
+        if name is not None and (name[a] - used[b] or name[b] - used[a]):
+            return False
         if words is None or not (words[a].any() and words[b].any()):
             return True  # no titles to compare: the picture decides
         return float(words[a] @ words[b]) >= cfg.alias_text_similarity
@@ -440,6 +455,35 @@ def title_profiles(text: np.ndarray, groups: np.ndarray, num_groups: int) -> np.
     """Per group, the L2-normalised mean title vector of its members that have a title."""
     titled = np.where(text.any(1), groups, -1)
     return centres(text, titled, num_groups)
+
+
+def title_tokens(title: str | None) -> set[str]:
+    """The words and symbols of a title's first sentence (its name: what follows is often a
+    list of keywords shared with related things), each with its occurrence number ("boy#2":
+    the second "boy"), so that "man, man, boy" and "man, man, boy, boy" read apart."""
+    seen = Counter()
+    out = set()
+    name = _SENTENCE.split(title or "", maxsplit=1)[0]
+    for token in _NAME_TOKEN.findall(name.lower()):
+        seen[token] += 1
+        out.add(f"{token}#{seen[token]}")
+    return out
+
+
+def name_words(
+    titles: list[str], groups: np.ndarray, num_groups: int, share: float = 1.0
+) -> tuple[list[set], list[set]]:
+    """Per group, its name (the title tokens at least ``share`` of its titled members use) and
+    every token its members use; groups -1 are ignored."""
+    counts = [Counter() for _ in range(num_groups)]
+    titled = np.zeros(num_groups)
+    for title, group in zip(titles, groups.tolist(), strict=True):
+        found = title_tokens(title)
+        if group >= 0 and found:
+            titled[group] += 1
+            counts[group].update(found)
+    names = [{w for w, n in c.items() if n >= share * titled[g]} for g, c in enumerate(counts)]
+    return names, [set(c) for c in counts]
 
 
 def merge_labels(num_labels: int, pairs) -> np.ndarray:
@@ -515,23 +559,60 @@ class Decision:
 
 
 def decide_rows(
-    clusters: np.ndarray, classes: np.ndarray, owners: Owners, final: np.ndarray, cfg
+    clusters: np.ndarray,
+    classes: np.ndarray,
+    owners: Owners,
+    final: np.ndarray,
+    cfg,
+    text: np.ndarray | None = None,
+    titles: list[str] | None = None,
 ) -> Decision:
-    """Each document goes to its cluster's final class; it is noisy when its (merged) class is
-    not the cluster's owner, and dropped when that owner's vote share is below
+    """Each document goes to its cluster's final class when it belongs there, else keeps its
+    own class. It is noisy only with evidence beyond sitting in another class's cluster: at
+    least ``min_support`` documents of its own class at home elsewhere (its class is a thing
+    it does not look like), and, when it has a title, a title that names the cluster's owner
+    and not its own class (``titles``: it has a token of the owner's name that none of its
+    class's titles at home has, and none of its class's name that the owner's titles lack) and
+    sits closer to the owner's titles than to its own class's (``text``). A noisy row is relabelled
+    to the cluster's class, or dropped when that owner's vote share is below
     ``min_confidence``."""
-    noisy = owners.owner[clusters] != classes
+    num = len(owners.main)
+    at_home = home_docs(clusters, classes, owners)
+    here = Counter(zip(at_home.tolist(), clusters.tolist(), strict=True))
+    total = np.bincount(at_home[at_home >= 0], minlength=num)
+    support = total[classes] - np.array(
+        [here.get((k, c), 0) for k, c in zip(classes.tolist(), clusters.tolist(), strict=True)]
+    )
+    owner = owners.owner[clusters]
+    noisy = (owner != classes) & (support >= cfg.min_support)
+    if text is not None:
+        profiles = title_profiles(text, at_home, num)
+        own, other = (text * profiles[classes]).sum(1), (text * profiles[owner]).sum(1)
+        noisy &= ~text.any(1) | (other > own)
+    if titles is not None:
+        name, used = name_words(titles, at_home, num, share=0.75)  # names that tolerate synonyms
+        for i in np.flatnonzero(noisy):
+            tokens, own, new = title_tokens(titles[i]), classes[i], owner[i]
+            names_new = (name[new] & tokens) - used[own]
+            names_own = (name[own] & tokens) - used[new]
+            noisy[i] = not tokens or bool(names_new and not names_own)
     confidence = owners.share[clusters]
-    target = final[clusters].copy()
+    target = np.where(owner == classes, final[clusters], classes)
+    target[noisy] = final[clusters][noisy]
     target[noisy & (confidence < cfg.min_confidence)] = -1
     return Decision(final=target, noisy=noisy, confidence=confidence, cluster=clusters)
 
 
 def organise(
-    x: np.ndarray, labels: list[str], cfg: GovernConfig, text: np.ndarray | None = None
+    x: np.ndarray,
+    labels: list[str],
+    cfg: GovernConfig,
+    text: np.ndarray | None = None,
+    titles: list[str] | None = None,
 ) -> dict:
     """Features and raw labels of N documents -> the governance decisions (no Ray). ``text``:
-    the documents' title vectors (``text_features``), which merges must agree with.
+    the documents' title vectors (``text_features``) and ``titles`` their raw texts, which
+    merges and relabels must agree with.
 
     Returns ``label_names``, per-label ``label_class`` (after merges), ``merges``, ``splits``,
     ``parts`` and the per-document ``Decision``.
@@ -540,13 +621,13 @@ def organise(
     clusters = product_clusters(x, cfg)
     noise = noise_rate(clusters, y)
     owners = resolve_owners(clusters, y, len(names), noise)
-    merges = find_merges(x, clusters, y, owners, cfg, text)
+    merges = find_merges(x, clusters, y, owners, cfg, text, titles)
     label_class = merge_labels(len(names), merges)
     classes = label_class[y]
     owners = resolve_owners(clusters, classes, int(label_class.max()) + 1, noise)
     splits = find_splits(x, clusters, classes, owners, cfg)
     final, parts = cluster_classes(owners, splits, int(label_class.max()) + 1)
-    decision = decide_rows(clusters, classes, owners, final, cfg)
+    decision = decide_rows(clusters, classes, owners, final, cfg, text, titles)
     return {
         "label_names": [str(n) for n in names],
         "label_class": label_class,
@@ -848,7 +929,8 @@ def govern(
     doc_ids, labels = table.column("doc_id").to_pylist(), table.column("label").to_pylist()
     model = model_vectors(ds, model_dir, doc_ids) if model_dir else None
     text = text_features(table)
-    decided = organise(features(table, cfg, model, text), labels, cfg, text=text)
+    titles = table.column("text").to_pylist()
+    decided = organise(features(table, cfg, model, text), labels, cfg, text=text, titles=titles)
     class_map = build_class_map(doc_ids, labels, decided, cfg)
     summary = governance_report(class_map, labels, cfg)
     summary["inputs"] = {

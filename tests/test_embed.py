@@ -135,7 +135,10 @@ def test_doc_embedder_runs_under_its_devices_autocast_and_returns_float32(
     monkeypatch.setattr(export, "inference_autocast", half)
     rows = DocEmbedder(model_dir, threads=1)(table)
     got = vectors_of(rows)
-    assert devices == ["cpu"] and rows.schema.field("vector").type.value_type == pa.float32()
+    assert (
+        devices == [torch.device("cpu")]
+        and rows.schema.field("vector").type.value_type == pa.float32()
+    )
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() > 0.99 and not np.array_equal(got, want)
 

@@ -291,3 +291,70 @@ def test_training_pipeline_applies_the_class_map_and_resamples(governed, tmp_pat
     largest = int(np.argmax(sizes))
     assert counts[largest] < sizes[largest]  # square-root sampling draws a huge class less
     assert abs(len(rows) - sizes.sum()) < 0.2 * sizes.sum()
+
+
+def _text_of(titles):
+    return g.tfidf(g.text_counts(titles, 256))
+
+
+def test_a_class_with_one_document_is_never_changed_on_looks_alone():
+    """Each label has one document and a pair of them look the same (one cluster): no drop,
+    no relabel, no merge (titles name two things)."""
+    x, thing = blobs([2, 1, 1, 1])  # documents 0 and 1 are one look
+    labels = ["apache-kafka", "apache-spark", "kotlin", "rust", "go"]
+    titles = ["Apache Kafka. colour: black", "Apache Spark. colour: orange", "Kotlin", "Rust", "Go"]
+    cfg = g.GovernConfig(link=0.9, mutual_link=0.9)
+    out = g.organise(x, labels, cfg, text=_text_of(titles), titles=titles)
+    cm = g.build_class_map([f"d{i}" for i in range(5)], labels, out, cfg)
+    assert cm["dropped"] == {} and cm["relabelled"] == {} and cm["merges"] == []
+    assert cm["num_classes"] == 5 and out["decision"].cluster[0] == out["decision"].cluster[1]
+
+
+def test_labels_named_apart_by_an_attribute_are_not_merged_however_alike():
+    """Two labels over one look (one thing's documents split between them): merged when the
+    titles agree, kept apart when every title of one names an attribute the other's lack."""
+    x, thing = blobs([8, 8, 8])
+    labels = [f"L{t}" for t in thing]
+    labels[4:8] = ["L0b"] * 4
+    same = ["yellow waving hand"] * 24
+    tones = [*["waving hand: light skin tone"] * 4, *["waving hand: dark skin tone"] * 4]
+    tones += ["ok hand"] * 8 + ["thumbs up"] * 8
+    cfg = g.GovernConfig(link=0.9, mutual_link=0.9)
+    for titles, merged in ((same, True), (tones, False)):
+        out = g.organise(x, labels, cfg, text=_text_of(titles), titles=titles)
+        cm = g.build_class_map([f"d{i}" for i in range(24)], labels, out, cfg)
+        assert (cm["labels"]["L0"] == cm["labels"]["L0b"]) is merged, titles[:8]
+        assert cm["dropped"] == {} and cm["relabelled"] == {}
+
+
+def test_a_stray_is_relabelled_only_when_its_title_names_the_new_class():
+    """Documents of thing 1 carrying labels of things 2 and 3: relabelled when their titles
+    name thing 1 (a mark the owner's titles carry), kept when their titles name their own
+    label's thing (a look-alike, not a wrong label)."""
+    x, thing = blobs([10, 10, 10, 10])
+    labels = [f"L{t}" for t in thing]
+    strays = np.flatnonzero(thing == 1)[:2]
+    labels[strays[0]], labels[strays[1]] = "L2", "L3"
+    names = {0: "mug mark A", 1: "mug mark B", 2: "mug mark C", 3: "mug mark D"}
+    cfg = g.GovernConfig(link=0.9, mutual_link=0.9)
+    titles = [names[t] for t in thing]  # the strays' titles name thing 1: wrong labels
+    out = g.organise(x, labels, cfg, text=_text_of(titles), titles=titles)
+    cm = g.build_class_map([f"d{i}" for i in range(40)], labels, out, cfg)
+    assert set(cm["relabelled"]) == {f"d{i}" for i in strays}
+    assert {r["to"] for r in cm["relabelled"].values()} == {cm["labels"]["L1"]}
+    titles[strays[0]], titles[strays[1]] = names[2], names[3]  # they name their own labels
+    out = g.organise(x, labels, cfg, text=_text_of(titles), titles=titles)
+    cm = g.build_class_map([f"d{i}" for i in range(40)], labels, out, cfg)
+    assert cm["relabelled"] == {} and cm["dropped"] == {}
+    with pytest.raises(ValueError, match="govern min_support must be >= 1, got 0"):
+        g.GovernConfig(min_support=0)
+
+
+def test_title_tokens_count_repeats_and_read_the_name_sentence_only():
+    assert g.title_tokens("family: man, man, boy. boy, child") == {
+        "family#1",
+        "man#1",
+        "man#2",
+        "boy#1",
+    }
+    assert "##1" in g.title_tokens("keycap: #. keycap") and "*#1" in g.title_tokens("keycap: *")
