@@ -1,8 +1,9 @@
 """Ray job: organise the catalog's classes (skew, noisy labels, merges, splits) into
-WORKDIR/govern/ (class_map.json, report.json, report.md) for the training job.
+WORKDIR/govern/ (class_map.json, report.json, report.md, report.html) for the training job.
 
     ray job submit --working-dir . -- python -m jobs.govern --catalog data/catalog.parquet \
-        --workdir W [--queries data/queries.parquet] [--model W/train/model] [--policy sqrt]
+        --workdir W [--queries data/queries.parquet] [--model W/train/model] [--policy sqrt] \
+        [--review review.yaml]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 
 from oclear_ray.govern import GovernConfig, govern, load_class_map, score_against_truth
+from oclear_ray.review import load_review
 from oclear_ray.runtime import init_ray
 
 
@@ -23,13 +25,19 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="sqrt", help="sampling: none, sqrt or balanced")
     p.add_argument("--cap", type=int, default=None, help="most draws of a class per epoch")
     p.add_argument("--truth", default=None, help="oclear synth truth.json to score against")
+    p.add_argument("--review", default=None, help="review file: decision ids to reject/accept")
     return p.parse_args(argv)
 
 
 def main(args) -> dict:
     config = GovernConfig(policy=args.policy, cap=args.cap)
     result = govern(
-        args.catalog, args.workdir, config=config, model_dir=args.model, queries=args.queries
+        args.catalog,
+        args.workdir,
+        config=config,
+        model_dir=args.model,
+        queries=args.queries,
+        review=load_review(args.review) if args.review else None,
     )
     out = {"class_map": result.class_map_path, "version": result.version}
     out.update({k: result.report[k] for k in ("labels", "classes", "relabelled", "dropped")})

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from oclear_ray.config import train_config
-from oclear_ray.pipeline import PipelineConfig, run_pipeline
+from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig, run_pipeline
 from oclear_ray.runtime import init_ray
 
 
@@ -28,7 +28,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
     p.add_argument("--max-minutes", type=float, default=None, help="training wall-time budget")
     p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--no-govern", action="store_true", help="train on the raw labels")
+    p.add_argument(
+        "--govern",
+        choices=GOVERN_MODES,
+        default="auto",
+        help="auto: apply the class map when a probe training says it helps",
+    )
     p.add_argument("--fusion-ablation", action="store_true")
     return p.parse_args(argv)
 
@@ -47,9 +52,8 @@ def main(args) -> None:
             use_gpu=args.use_gpu,
         ),
         fusion_ablation=args.fusion_ablation,
+        govern_mode=args.govern,
     )
-    if args.no_govern:
-        cfg.govern = None
 
     def log(stage, status, info):
         print(f"[oclear pipeline] {stage}: {status} {json.dumps(info)}", flush=True)

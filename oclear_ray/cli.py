@@ -130,17 +130,25 @@ def govern(
     truth: Annotated[
         Path | None, typer.Option(help="oclear synth truth.json to score against.")
     ] = None,
+    review: str | None = typer.Option(
+        None,
+        help="Review file (YAML or JSON): decision ids from report.html to 'reject' (undone) "
+        "and optionally 'accept'.",
+    ),
     address: RayAddress = None,
 ):
-    """Organise the classes: skew and sampling, noisy labels, merges and splits -> class map."""
+    """Organise the classes: skew and sampling, noisy labels, merges and splits -> class map
+    and report.html, a page to review the decisions by (then rerun with --review)."""
     from oclear_ray import storage
     from oclear_ray.contract import SchemaError
     from oclear_ray.govern import GovernConfig, load_class_map, score_against_truth
     from oclear_ray.govern import govern as run_govern
+    from oclear_ray.review import load_review
     from oclear_ray.runtime import init_ray
 
     try:
         config = GovernConfig(policy=policy, cap=cap)
+        verdict = load_review(review) if review else None
         init_ray(address)
         with progress_bar("govern: validate") as advance:
             result = run_govern(
@@ -149,6 +157,7 @@ def govern(
                 config=config,
                 model_dir=model_dir,
                 queries=queries,
+                review=verdict,
                 progress=advance,
             )
     except (SchemaError, FileNotFoundError, ValueError) as exc:
@@ -156,6 +165,7 @@ def govern(
         raise typer.Exit(2) from exc
     console.print(storage.read_bytes(storage.join(workdir, "govern", "report.md")).decode())
     console.print(f"class map: {result.class_map_path} (version {result.version})")
+    console.print(f"review: {storage.join(workdir, 'govern', 'report.html')}")
     if truth is not None:
         class_map = load_class_map(result.class_map_path)
         scores = score_against_truth(class_map, json.loads(truth.read_text()))
@@ -417,7 +427,11 @@ def pipeline(
     steps: int | None = typer.Option(None, help="Scale the training schedule to this many steps."),
     max_minutes: float | None = typer.Option(None, help="Training wall-time budget."),
     use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
-    govern: bool = typer.Option(True, "--govern/--no-govern", help="Organise classes first."),
+    govern: str = typer.Option(
+        "auto",
+        help="auto (apply the class map when a probe training says it helps), apply, report "
+        "(write it, train on the raw labels) or off.",
+    ),
     fusion_ablation: bool = typer.Option(
         False, "--fusion-ablation", help="Also evaluate image-only document embeddings."
     ),
@@ -426,9 +440,12 @@ def pipeline(
     """govern -> train -> embed -> index -> evaluate, skipping every stage that is current."""
     from oclear_ray.config import train_config
     from oclear_ray.contract import SchemaError
-    from oclear_ray.pipeline import PipelineConfig, run_pipeline
+    from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig, run_pipeline
     from oclear_ray.runtime import init_ray
 
+    if govern not in GOVERN_MODES:
+        console.print(f"[red]error:[/red] --govern must be one of {GOVERN_MODES}, got {govern!r}")
+        raise typer.Exit(2)
     cfg = PipelineConfig(
         catalog=catalog,
         workdir=workdir,
@@ -438,9 +455,8 @@ def pipeline(
             config, workers=workers, steps=steps, max_minutes=max_minutes, use_gpu=use_gpu
         ),
         fusion_ablation=fusion_ablation,
+        govern_mode=govern,
     )
-    if not govern:
-        cfg.govern = None
     init_ray(address)
     try:
         results = run_pipeline(cfg, log=_log_stage)
@@ -476,6 +492,9 @@ def demo(
         queries=data["queries"],
         eval_queries=data["eval_queries"],
         train=train_config(config, workers=workers, steps=steps),
+        # its catalog has planted label noise that governance is measured to fix
+        # (bench/governance.py); a probe would double the demo's training time
+        govern_mode="apply",
     )
     init_ray()
     _print_stages(run_pipeline(cfg, log=_log_stage))

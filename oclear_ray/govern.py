@@ -22,7 +22,11 @@ over-broad classes. ``govern`` turns them into a versioned class map that traini
    (square-root or class-balanced, with a cap on huge classes) for the training pipeline.
 
 The class map is JSON (``WORKDIR/govern/class_map.json``) with a content-hash ``version``;
-``report.json`` and ``report.md`` explain it to a person.
+``report.json`` and ``report.md`` explain it to a person, and ``report.html``
+(``oclear_ray.review``) shows every proposed decision under a stable id
+(``merge:<label>-><into>``, ``split:<class>``, ``relabel:<doc_id>``, ``drop:<doc_id>``) with
+the documents involved. A review file that rejects some of them (``govern(review=...)``,
+``oclear govern --review FILE``) has them undone in the class map, which records the review.
 """
 
 from __future__ import annotations
@@ -37,11 +41,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from oclear_ray.review import SHOWN, Review, pictured_docs, thumbnail_rows
+from oclear_ray.review import html as review_page
+
 FORMAT = "oclear-ray/class-map/v1"
 POLICIES = ("none", "sqrt", "balanced")
 _WORD = re.compile(r"[a-z0-9]+")
 _NAME_TOKEN = re.compile(r"\w+|[^\w\s.,:;]")  # words and symbols (#, *, +) that can name a thing
 _SENTENCE = re.compile(r"\.\s")  # a title names its thing first; keyword lists may follow
+#: words that join a name's parts without naming anything ("mug *with* mark Q")
+_STOP_WORDS = frozenset(
+    ["a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"]
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,11 +471,14 @@ def title_profiles(text: np.ndarray, groups: np.ndarray, num_groups: int) -> np.
 def title_tokens(title: str | None) -> set[str]:
     """The words and symbols of a title's first sentence (its name: what follows is often a
     list of keywords shared with related things), each with its occurrence number ("boy#2":
-    the second "boy"), so that "man, man, boy" and "man, man, boy, boy" read apart."""
+    the second "boy"), so that "man, man, boy" and "man, man, boy, boy" read apart; joining
+    words (``_STOP_WORDS``) are left out."""
     seen = Counter()
     out = set()
     name = _SENTENCE.split(title or "", maxsplit=1)[0]
     for token in _NAME_TOKEN.findall(name.lower()):
+        if token in _STOP_WORDS:
+            continue
         seen[token] += 1
         out.add(f"{token}#{seen[token]}")
     return out
@@ -676,20 +690,38 @@ def skew_report(sizes: np.ndarray, tail: int) -> dict:
 # --------------------------------------------------------------------------- the class map
 
 
-def build_class_map(doc_ids: list[str], labels: list[str], out: dict, cfg: GovernConfig) -> dict:
-    """The versioned class map from ``organise``'s decisions (see the module docstring)."""
-    names, label_class, decision = out["label_names"], out["label_class"], out["decision"]
-    parts = out["parts"]
-    members = defaultdict(list)
-    for i, name in enumerate(names):
-        members[int(label_class[i])].append(name)
-    part_name = [min(members[k]) if n == 0 else f"{min(members[k])}~{n + 1}" for k, n in parts]
-    sizes = np.bincount(decision.final[decision.final >= 0], minlength=len(parts))
+def build_class_map(
+    doc_ids: list[str],
+    labels: list[str],
+    out: dict,
+    cfg: GovernConfig,
+    review: Review | None = None,
+) -> dict:
+    """The versioned class map from ``organise``'s decisions (see the module docstring), less
+    those ``review`` rejects (ids from ``decisions``; unknown ids are an error): a rejected
+    merge keeps its two labels in separate classes (``merge_apart``), a rejected split keeps
+    its class whole, a rejected relabel or drop leaves the row with its raw label's class.
+    The decisions are not made again, so every other one stands as proposed;
+    class ids are renumbered 0..num_classes-1 over what remains, and the map records the
+    review (so its version changes)."""
+    review = review or Review()
+    proposed = decisions(doc_ids, labels, out, cfg)
+    review.check(d["id"] for d in proposed)
+    undo = defaultdict(set)
+    for d in proposed:
+        if d["id"] in review.reject:
+            undo[d["kind"]].add(d["key"])
+    names, decision = out["label_names"], out["decision"]
+    label_class, pairs = merge_apart(len(names), out["merges"], undo["merge"])
+    dest, number = _row_places(labels, out, undo)
+    row_class, parts = _renumber(label_class, dest, number)
+    part_name = _part_names(names, label_class, parts)
+    sizes = np.bincount(row_class[row_class >= 0], minlength=len(parts))
     weights = sampling_weights(sizes, cfg.policy, cfg.cap)
     label_of = {name: int(label_class[i]) for i, name in enumerate(names)}
     doc_class, relabelled, dropped = {}, {}, {}
     for i, doc in enumerate(doc_ids):
-        target, own = int(decision.final[i]), label_of[labels[i]]
+        target, own = int(row_class[i]), label_of[labels[i]]
         confidence = round(float(decision.confidence[i]), 4)
         if target < 0:
             dropped[doc] = {
@@ -697,11 +729,11 @@ def build_class_map(doc_ids: list[str], labels: list[str], out: dict, cfg: Gover
                 "reason": "noisy label, no confident class",
                 "confidence": confidence,
             }
-        elif decision.noisy[i]:
-            relabelled[doc] = {"from": labels[i], "to": target, "confidence": confidence}
-            doc_class[doc] = target
         elif target != own:
             doc_class[doc] = target
+            if decision.noisy[i]:
+                relabelled[doc] = {"from": labels[i], "to": target, "confidence": confidence}
+    split = Counter(k for k, _ in parts)
     body = {
         "format": FORMAT,
         "num_classes": len(parts),
@@ -710,21 +742,193 @@ def build_class_map(doc_ids: list[str], labels: list[str], out: dict, cfg: Gover
             for k in range(len(parts))
         ],
         "labels": label_of,
-        "merges": _merge_records(names, label_class, out["merges"]),
+        "merges": _merge_records(names, label_class, pairs),
         "splits": [
             {
                 "class": part_name[k],
-                "parts": [part_name[p] for p, (kk, _) in enumerate(parts) if kk == k],
+                "parts": [part_name[p] for p, (c, _) in enumerate(parts) if c == k],
             }
-            for k in sorted(out["splits"])
+            for k in sorted(split)
+            if split[k] > 1
         ],
         "doc_class": doc_class,
         "relabelled": relabelled,
         "dropped": dropped,
         "sampling": {"policy": cfg.policy, "cap": cfg.cap},
+        "review": review.record(),
         "config": asdict(cfg),
     }
     return {"version": content_version(body), **body}
+
+
+def merge_apart(num_labels: int, pairs, apart) -> tuple[np.ndarray, list]:
+    """Class index per label after merging the pairs (as ``merge_labels``) while every label
+    pair in ``apart`` (a review's rejected merges) stays in two classes: links are applied
+    strongest first, and one that would join an apart pair, directly or through other labels,
+    is left out. Returns the classes and the links applied, in their given order."""
+    partners = defaultdict(set)
+    for a, b in map(tuple, apart):
+        partners[a].add(b)
+        partners[b].add(a)
+    group, members = list(range(num_labels)), {i: [i] for i in range(num_labels)}
+    applied = set()
+    for n in sorted(range(len(pairs)), key=lambda n: -pairs[n][3]):
+        keep, gone = sorted((group[pairs[n][0]], group[pairs[n][1]]))
+        if keep != gone:
+            if any(group[b] == gone for a in members[keep] for b in partners[a]):
+                continue
+            for m in members.pop(gone):
+                group[m] = keep  # a group is named by its smallest label: merge_labels' order
+                members[keep].append(m)
+        applied.add(n)
+    kept = [p for n, p in enumerate(pairs) if n in applied]
+    return np.unique(group, return_inverse=True)[1], kept
+
+
+def _row_places(labels: list[str], out: dict, undo: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the raw label (index) whose class it ends in (-1: dropped) and its split part
+    number there: a relabelled row goes to the most common label of the rows that settle
+    where it does (its product cluster's owner), a row whose relabel or drop is undone to its
+    own label, part 0; rows of a class whose split is undone go to part 0."""
+    decision, parts = out["decision"], out["parts"]
+    index = {name: i for i, name in enumerate(out["label_names"])}
+    own = np.array([index[label] for label in labels], np.int64)
+    place = list(zip(decision.cluster.tolist(), decision.final.tolist(), strict=True))
+    votes = Counter(
+        (p, int(y)) for p, y, n in zip(place, own, decision.noisy, strict=True) if not n
+    )
+    owner = {}
+    for (p, y), n in sorted(votes.items()):
+        if p not in owner or n > votes[p, owner[p]]:
+            owner[p] = y
+    dest = np.where(decision.noisy, -1, own)
+    number = np.zeros(len(labels), np.int64)
+    for i, ((_, final), noisy) in enumerate(zip(place, decision.noisy, strict=True)):
+        if final >= 0:
+            dest[i] = owner[place[i]] if noisy else own[i]
+            number[i] = 0 if parts[final][0] in undo["split"] else parts[final][1]
+    reverted = sorted(undo["relabel"] | undo["drop"])
+    dest[reverted], number[reverted] = own[reverted], 0
+    return dest, number
+
+
+def _renumber(
+    label_class: np.ndarray, dest: np.ndarray, number: np.ndarray
+) -> tuple[np.ndarray, list]:
+    """Final class id per row (-1: dropped) and ``[(class, part rank)]`` per final id: class
+    ``k`` keeps id ``k`` for its first part in use, further parts get ids from
+    ``num_classes`` on (``cluster_classes``'s layout)."""
+    kept = dest >= 0
+    classes = np.where(kept, label_class[np.maximum(dest, 0)], -1)
+    used = defaultdict(set)
+    for k, n in zip(classes[kept].tolist(), number[kept].tolist(), strict=True):
+        used[k].add(n)
+    num = int(label_class.max()) + 1
+    parts, part_of = [(k, 0) for k in range(num)], {}
+    for k in range(num):
+        for rank, n in enumerate(sorted(used[k])):
+            if rank:
+                parts.append((k, rank))
+            part_of[k, n] = len(parts) - 1 if rank else k
+    row_class = [part_of[k, n] if k >= 0 else -1 for k, n in zip(classes, number, strict=True)]
+    return np.array(row_class, np.int64), parts
+
+
+def _part_names(names: list[str], label_class: np.ndarray, parts: list) -> list[str]:
+    """A class is named by its smallest raw label, its further split parts "<name>~2", ..."""
+    first = {}
+    for i, name in enumerate(names):
+        first[int(label_class[i])] = min(first.get(int(label_class[i]), name), name)
+    return [first[k] if n == 0 else f"{first[k]}~{n + 1}" for k, n in parts]
+
+
+def decisions(
+    doc_ids: list[str], labels: list[str], out: dict, cfg: GovernConfig, shown: int = SHOWN
+) -> list[dict]:
+    """Every change ``organise`` proposes, under an id a person can name in a review:
+    ``merge:<label>-><into>`` (one per linked label pair, whatever its reasons),
+    ``split:<class>``, ``relabel:<doc_id>`` and ``drop:<doc_id>`` (least confident first).
+
+    Each has its ``kind``, ``evidence``, ``groups`` of the documents involved (a caption, at
+    most ``shown`` doc ids, the group's size) and the ``key`` ``build_class_map`` undoes when
+    it is rejected (the label pair, the class, the row)."""
+    decision = out["decision"]
+    part_name = _part_names(out["label_names"], out["label_class"], out["parts"])
+    by_label, by_part, by_cluster = defaultdict(list), defaultdict(list), defaultdict(list)
+    for i, doc in enumerate(doc_ids):
+        by_label[labels[i]].append(doc)
+        by_part[int(decision.final[i])].append(doc)
+        if not decision.noisy[i]:
+            by_cluster[int(decision.cluster[i])].append(doc)
+
+    def group(caption: str, docs: list[str]) -> dict:
+        return {"caption": caption, "docs": docs[:shown], "total": len(docs)}
+
+    rows = _row_decisions(doc_ids, labels, decision, part_name, cfg)
+    for d in rows:
+        cluster = by_cluster[int(decision.cluster[d["key"]])]
+        d["groups"] = [
+            group("this document", [doc_ids[d["key"]]]),
+            group("its product cluster", cluster),
+        ]
+    merges = _merge_decisions(out["label_names"], out["merges"])
+    for d in merges:
+        d["groups"] = [group(f"label {name}", by_label[name]) for name in d.pop("labels")]
+    splits = []
+    for k in sorted(out["splits"]):
+        ids = [p for p, (c, _) in enumerate(out["parts"]) if c == k]
+        reason = (
+            f"its product clusters form {len(ids)} groups whose centres are less than "
+            f"{cfg.split_similarity} alike"
+        )
+        splits.append(
+            {
+                "id": f"split:{part_name[k]}",
+                "kind": "split",
+                "key": k,
+                "evidence": {"reason": reason},
+                "groups": [group(f"part {part_name[p]}", by_part[p]) for p in ids],
+            }
+        )
+    return sorted(merges, key=lambda d: d["id"]) + splits + rows
+
+
+def _merge_decisions(names: list[str], pairs) -> list[dict]:
+    """One merge decision per linked label pair, its reasons joined, its best similarity."""
+    links = {}
+    for a, b, reason, similarity in pairs:
+        key = frozenset((a, b))
+        if key in links:
+            evidence = links[key]["evidence"]
+            evidence["reason"] += f", {reason}"
+            evidence["similarity"] = max(evidence["similarity"], round(similarity, 4))
+            continue
+        links[key] = {
+            "id": f"merge:{names[a]}->{names[b]}",
+            "kind": "merge",
+            "key": key,
+            "evidence": {"reason": reason, "similarity": round(similarity, 4)},
+            "labels": [names[a], names[b]],
+        }
+    return list(links.values())
+
+
+def _row_decisions(doc_ids, labels, decision: Decision, part_name, cfg) -> list[dict]:
+    """Relabel then drop decisions, each kind least confident first."""
+    out = {"relabel": [], "drop": []}
+    for i in sorted(np.flatnonzero(decision.noisy), key=lambda i: decision.confidence[i]):
+        target, confidence = int(decision.final[i]), round(float(decision.confidence[i]), 4)
+        if target >= 0:
+            kind, evidence = "relabel", {"from": labels[i], "to": part_name[target]}
+            evidence["reason"] = "its content sits with another class"
+        else:
+            kind, evidence = "drop", {"label": labels[i]}
+            evidence["reason"] = f"noisy label, no class with confidence >= {cfg.min_confidence}"
+        evidence["confidence"] = confidence
+        out[kind].append(
+            {"id": f"{kind}:{doc_ids[i]}", "kind": kind, "key": int(i), "evidence": evidence}
+        )
+    return out["relabel"] + out["drop"]
 
 
 def _merge_records(names, label_class, pairs) -> list[dict]:
@@ -907,15 +1111,17 @@ def govern(
     config: GovernConfig | None = None,
     model_dir: str | None = None,
     queries: str | None = None,
+    review: Review | None = None,
     progress=None,
 ) -> GovernResult:
-    """Validate the catalog, compute features with Ray Data, organise the classes and write
-    WORKDIR/govern/{class_map.json, report.json, report.md} (class map last)."""
+    """Validate the catalog, compute features with Ray Data, organise the classes, undo what
+    ``review`` rejects and write WORKDIR/govern/{report.json, report.md, report.html,
+    class_map.json} (class map last)."""
     from oclear_ray import storage
     from oclear_ray.contract import CATALOG
     from oclear_ray.read import clean, read, validate
 
-    cfg = config or GovernConfig()
+    cfg, review = config or GovernConfig(), review or Review()
     workdir = storage.absolute(workdir)  # Ray's workers do not run in this directory
     out_dir = storage.join(workdir, "govern")
     report = validate(
@@ -925,14 +1131,17 @@ def govern(
         progress=progress,
     )
     ds = clean(read(catalog, CATALOG), CATALOG, report)
-    table = content_table(ds, cfg)
+    table = content_table(ds, cfg).sort_by("doc_id")  # a rerun proposes the same decisions
     doc_ids, labels = table.column("doc_id").to_pylist(), table.column("label").to_pylist()
     model = model_vectors(ds, model_dir, doc_ids) if model_dir else None
     text = text_features(table)
     titles = table.column("text").to_pylist()
     decided = organise(features(table, cfg, model, text), labels, cfg, text=text, titles=titles)
-    class_map = build_class_map(doc_ids, labels, decided, cfg)
+    class_map = build_class_map(doc_ids, labels, decided, cfg, review)
+    proposed = decisions(doc_ids, labels, decided, cfg)
+    page = review_page(proposed, review_docs(ds, pictured_docs(proposed)), class_map, review)
     summary = governance_report(class_map, labels, cfg)
+    summary["review"] = {"proposed": len(proposed), **class_map["review"]}
     summary["inputs"] = {
         "catalog": catalog,
         "model_dir": model_dir,
@@ -944,9 +1153,23 @@ def govern(
         storage.join(out_dir, "report.json"), json.dumps(summary, indent=1).encode()
     )
     storage.write_bytes(storage.join(out_dir, "report.md"), markdown(summary, class_map).encode())
+    storage.write_bytes(storage.join(out_dir, "report.html"), page.encode())
     path = storage.join(out_dir, "class_map.json")
     storage.write_bytes(path, json.dumps(class_map, indent=1, sort_keys=True).encode())
     return GovernResult(path, class_map["version"], summary)
+
+
+def review_docs(ds, wanted: set[str]) -> dict[str, dict]:
+    """doc_id -> ``text``, ``label`` and a thumbnail (``thumb``, a data URI) of the ``wanted``
+    documents, for report.html: the clean dataset filtered by doc_id with Ray Data, so only
+    those few rows' images are decoded (one more read of the catalog, no second decode).
+    ``ContentFeatures`` keeps no pictures: they would be held on the driver for every row."""
+    if not wanted:
+        return {}
+    rows = ds.map_batches(
+        thumbnail_rows, fn_kwargs={"keep": sorted(wanted)}, batch_format="pyarrow"
+    ).take_all()
+    return {row["doc_id"]: row for row in rows}
 
 
 def query_coverage(queries: str, class_map: dict) -> dict:
@@ -1000,6 +1223,9 @@ def markdown(summary: dict, class_map: dict) -> str:
         f"- after governance: largest {a['largest']}, median {a['median']:g}, "
         f"{a['tail_classes']} tail classes",
         f"- sampling: {class_map['sampling']['policy']}, cap {class_map['sampling']['cap']}",
+        f"- review: {summary['review']['proposed']} decisions proposed (report.html), "
+        f"{len(summary['review']['rejected'])} rejected, {len(summary['review']['accepted'])} "
+        "accepted",
         "",
         "## Merges",
         "",

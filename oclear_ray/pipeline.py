@@ -1,5 +1,10 @@
 """The whole flow in one call: govern -> train -> embed -> index -> evaluate.
 
+Governance proposes a class map; ``govern_mode`` says what training does with it: ``apply`` it,
+only ``report`` it (train on the raw labels), or ``auto``: apply it only when a short probe
+training on it beats one on the raw labels, measured on training-query classes held out for
+validation (never on the evaluation queries). ``off`` skips governance.
+
 Each stage writes ``WORKDIR/<stage>/stamp.json``: a key over what it was made from (input
 fingerprints, the upstream artifact's version, its config) and the version of what it made. A
 stage whose key matches its stamp, and whose artifact is still there, is skipped; a changed
@@ -12,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,11 +29,14 @@ from oclear_ray.govern import RAW_LABELS, GovernConfig
 from oclear_ray.index import IndexConfig
 
 STAGES = ("govern", "train", "embed", "index", "evaluate")
+GOVERN_MODES = ("auto", "apply", "report", "off")
 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    """Inputs and every stage's config; ``govern=None`` trains on the raw labels."""
+    """Inputs and every stage's config; ``govern=None`` (or ``govern_mode`` "off") trains on
+    the raw labels. ``probe_steps`` (at most the run's own steps) and ``probe_share`` (of the
+    training queries' classes, held out) size the ``auto`` mode's probes."""
 
     catalog: str
     workdir: str
@@ -40,6 +49,20 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: also measure fused vs image-only document embeddings in the evaluation
     fusion_ablation: bool = False
+    govern_mode: str = "auto"
+    probe_steps: int = 150
+    probe_share: float = 0.2
+
+    def __post_init__(self):
+        if self.govern_mode not in GOVERN_MODES:
+            raise ValueError(f"govern mode must be one of {GOVERN_MODES}, got {self.govern_mode!r}")
+        if self.govern_mode == "off":
+            self.govern = None
+        if self.probe_steps < 1 or not 0.0 < self.probe_share < 1.0:
+            raise ValueError(
+                f"probe_steps must be >= 1 and probe_share in (0, 1), got {self.probe_steps} "
+                f"and {self.probe_share}"
+            )
 
 
 def fingerprint(path: str | None) -> str | None:
@@ -130,11 +153,17 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
 
         def run_govern() -> dict:
             r = govern(cfg.catalog, w, config=cfg.govern, queries=cfg.queries)
-            return {"class_map": r.class_map_path, "version": r.version}
+            choice = choose_class_map(cfg, w, r.class_map_path)
+            record_choice(w, choice)
+            return {"class_map": r.class_map_path, "version": r.version, "choice": choice}
 
-        inputs = {**data, "config": _asdict(cfg.govern)}
+        inputs = {**data, "config": _asdict(cfg.govern), "mode": cfg.govern_mode}
+        if cfg.govern_mode == "auto":
+            probe = {"steps": cfg.probe_steps, "share": cfg.probe_share}
+            inputs["probe"] = {**probe, "train": cfg.train.to_dict()}
         results["govern"] = _run_stage(cfg, "govern", inputs, path, run_govern, log)
-        class_map = results["govern"].output["class_map"]
+        if results["govern"].output["choice"]["apply"]:
+            class_map = results["govern"].output["class_map"]
     train_inputs = {
         **data,
         "govern": results["govern"].key if cfg.govern is not None else None,
@@ -203,3 +232,134 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
         report = storage.join(w, "eval", "report.json")
         results["evaluate"] = _run_stage(cfg, "evaluate", inputs, report, run_eval, log)
     return results
+
+
+# --------------------------------------------------------------------------- govern mode
+
+
+def choose_class_map(cfg: PipelineConfig, workdir: str, class_map_path: str) -> dict:
+    """Whether training applies the proposed class map, and why (with the figures of ``auto``).
+
+    ``auto`` applies it only when it changes some label (a merge, split, relabel or drop: the
+    sampling weights alone are not worth a probe) and the probe trained on it scores a higher
+    validation R@1 than the one trained on the raw labels; a tie keeps the raw labels.
+    """
+    from oclear_ray.govern import load_class_map
+
+    if cfg.govern_mode != "auto":
+        return {"mode": cfg.govern_mode, "apply": cfg.govern_mode == "apply"}
+    class_map = load_class_map(class_map_path)
+    changes = {k: len(class_map[k]) for k in ("merges", "splits", "relabelled", "dropped")}
+    choice = {"mode": "auto", "apply": False, "changes": changes}
+    if not any(changes.values()):
+        return {**choice, "reason": "the proposed class map changes no label"}
+    if cfg.queries is None:
+        return {**choice, "reason": "no training queries to validate the class map on"}
+    figures = probe(cfg, workdir, class_map)
+    if figures is None:
+        return {**choice, "reason": "too few training-query classes to hold some out"}
+    apply = figures["governed"]["recall@1"] > figures["raw"]["recall@1"]
+    reason = "the class map's probe scored higher" if apply else "it did not score higher"
+    return {**choice, "apply": apply, "reason": reason, "validation": figures}
+
+
+def record_choice(workdir: str, choice: dict) -> None:
+    """The choice in the governance report (``report.json`` and a line of ``report.md``)."""
+    path = storage.join(workdir, "govern", "report.json")
+    report = json.loads(storage.read_bytes(path))
+    report["choice"] = choice
+    storage.write_bytes(path, json.dumps(report, indent=1).encode())
+    md = storage.join(workdir, "govern", "report.md")
+    line = f"- training: class map {'applied' if choice['apply'] else 'not applied'} "
+    line += f"(mode {choice['mode']}{': ' + choice['reason'] if 'reason' in choice else ''})"
+    if "validation" in choice:
+        v = choice["validation"]
+        line += f"; validation R@1 {v['governed']['recall@1']:.3f} with it, "
+        line += f"{v['raw']['recall@1']:.3f} with the raw labels ({v['raw']['queries']} queries)"
+    storage.write_bytes(md, storage.read_bytes(md) + (line + "\n").encode())
+
+
+def _clean_table(path: str, contract, workdir: str):
+    """A small input's clean rows (image bytes resolved) as one arrow table."""
+    import os
+
+    import pyarrow as pa
+    import ray
+
+    from oclear_ray.read import clean, read, validate
+
+    stem = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
+    report = validate(
+        read(path, contract), contract, storage.join(workdir, "quarantine", f"{stem}.parquet")
+    )
+    tables = ray.get(clean(read(path, contract), contract, report).to_arrow_refs())
+    return pa.concat_tables([t for t in tables if t.num_rows], promote_options="default")
+
+
+def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
+    """Validation R@1 of two short trainings (``probe_steps``), on the raw labels and on
+    ``class_map``: ``probe_share`` of the training queries' classes (by a hash of the label)
+    are held out, the rest train; a held-out photo finds a document of its class (the class
+    map's classes for both, so that both are scored alike) among the whole catalog. None when
+    the split leaves no class on one side."""
+    import pyarrow.compute as pc
+
+    from oclear_ray.contract import CATALOG, QUERIES
+    from oclear_ray.govern import RAW_LABELS
+    from oclear_ray.train import fit
+
+    probe_dir = storage.join(workdir, "govern", "probe")
+    queries = _clean_table(cfg.queries, QUERIES, probe_dir)
+    labels = queries.column("label").to_pylist()
+    cut = int(cfg.probe_share * 1000)
+    held = [bool(v) and zlib.crc32(str(v).encode()) % 1000 < cut for v in labels]
+    photo = pc.invert(pc.is_null(queries.column("image"))).to_pylist()
+    val = queries.filter([h and p for h, p in zip(held, photo, strict=True)])
+    train_queries = queries.filter([not h for h in held])
+    if not val.num_rows or not train_queries.num_rows:
+        return None
+    train_path = storage.join(probe_dir, "train_queries.parquet")
+    storage.write_parquet(train_path, [train_queries], train_queries.schema)
+    docs = _clean_table(cfg.catalog, CATALOG, probe_dir)
+    steps = min(cfg.probe_steps, cfg.train.total_steps)
+    train = cfg.train.with_total_steps(steps)
+    train = dataclasses.replace(train, run=dataclasses.replace(train.run, max_minutes=None))
+    out = {}
+    for arm, labels_used in (("raw", RAW_LABELS), ("governed", class_map)):
+        result = fit(
+            train,
+            catalog=cfg.catalog,
+            queries=train_path,
+            workdir=storage.join(probe_dir, arm),
+            class_map=labels_used,
+            name=f"probe-{arm}-{key_of({'map': class_map['version'], 'steps': steps})}",
+        )
+        out[arm] = validation_recall(result.model_dir, docs, val, class_map)
+    return out
+
+
+def validation_recall(model_dir: str, docs, queries, class_map: dict) -> dict:
+    """R@1 of ``queries`` (photos) against ``docs`` (image + text), exact search, relevance by
+    ``class_map`` class (a dropped document is relevant to nothing)."""
+    import numpy as np
+
+    from oclear_ray.evaluate import embed_in_process, exact_search
+    from oclear_ray.export import load_doc_encoder, load_query_encoder
+
+    def class_of(doc_id, label):
+        if doc_id in class_map["dropped"]:
+            return -1
+        return class_map["doc_class"].get(doc_id, class_map["labels"].get(label, -1))
+
+    texts = [t or "" for t in docs.column("text").to_pylist()]
+    xb = embed_in_process(
+        load_doc_encoder(model_dir), docs.column("image").to_pylist(), texts, doc=True
+    )
+    xq = embed_in_process(
+        load_query_encoder(model_dir), queries.column("image").to_pylist(), doc=False
+    )
+    _, I = exact_search(xq, xb, 1)
+    ids, doc_labels = docs.column("doc_id").to_pylist(), docs.column("label").to_pylist()
+    doc_class = np.array([class_of(d, v) for d, v in zip(ids, doc_labels, strict=True)])
+    want = np.array([class_map["labels"].get(v, -2) for v in queries.column("label").to_pylist()])
+    return {"recall@1": float((doc_class[I[:, 0]] == want).mean()), "queries": len(want)}

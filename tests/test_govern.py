@@ -2,7 +2,9 @@
 pipeline, and one end-to-end ``oclear govern`` on a noisy synthetic catalog scored against its
 truth.json."""
 
+import html
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +25,9 @@ def blobs(sizes, dim=32, spread=0.05, seed=0):
 
 
 @pytest.fixture(scope="module")
-def organised():
+def proposed():
     """Ten things of 12 documents: thing 0 half under an alias label, things 8 and 9 under one
-    broad label, three documents of thing 1 mislabelled."""
+    broad label, three documents of thing 1 mislabelled; ``organise``'s decisions."""
     x, thing = blobs([12] * 10)
     labels = [f"L{t}" if t < 8 else "broad" for t in thing]
     for i in np.flatnonzero(thing == 0)[:4]:
@@ -34,7 +36,12 @@ def organised():
     for i, wrong in zip(noisy, ["L2", "L3", "L4"], strict=True):
         labels[i] = wrong
     doc_ids = [f"d{i}" for i in range(len(labels))]
-    out = g.organise(x, labels, g.GovernConfig(link=0.9, mutual_link=0.9))
+    return doc_ids, labels, noisy, g.organise(x, labels, g.GovernConfig(link=0.9, mutual_link=0.9))
+
+
+@pytest.fixture(scope="module")
+def organised(proposed):
+    doc_ids, labels, noisy, out = proposed
     return doc_ids, labels, noisy, g.build_class_map(doc_ids, labels, out, g.GovernConfig())
 
 
@@ -246,8 +253,8 @@ def governed(ray_cluster, tmp_path_factory):
 
 @pytest.mark.ray
 def test_govern_scores_against_truth_and_writes_a_report(governed):
-    """Noise precision/recall >= 0.8 against truth.json; class map, report.json and report.md
-    in WORKDIR/govern."""
+    """Noise precision/recall >= 0.8 against truth.json; class map, report.json, report.md and
+    report.html (a section per decision, thumbnails) in WORKDIR/govern."""
     data, work = governed
     cm = g.load_class_map(str(work / "govern" / "class_map.json"))
     scores = g.score_against_truth(cm, json.loads((data / "truth.json").read_text()))
@@ -258,6 +265,47 @@ def test_govern_scores_against_truth_and_writes_a_report(governed):
     assert report["version"] == cm["version"]
     assert report["queries"]["known_labels"] == report["queries"]["labelled"]
     assert (work / "govern" / "report.md").read_text().startswith("# Class governance")
+    ids = decision_ids(work)
+    assert len(ids) == report["review"]["proposed"] > 0
+    assert {f"relabel:{d}" for d in cm["relabelled"]} | {f"drop:{d}" for d in cm["dropped"]} <= ids
+    assert (work / "govern" / "report.html").read_text().count('<img src="data:image/png') > 0
+
+
+def decision_ids(work) -> set[str]:
+    """The decision ids report.html lists, as a person would copy them."""
+    page = (work / "govern" / "report.html").read_text()
+    return {html.unescape(i) for i in re.findall(r'<section class="\w+" id="([^"]+)"', page)}
+
+
+@pytest.mark.ray
+def test_govern_review_undoes_what_it_rejects(governed, tmp_path):
+    """``oclear govern --review``: a merge and a relabel picked from report.html are undone."""
+    from oclear_ray.cli import app
+
+    data, work = governed
+    ids = sorted(decision_ids(work))
+    merge = next(i for i in ids if i.startswith("merge:"))
+    relabel = next(i for i in ids if i.startswith("relabel:"))
+    (tmp_path / "review.yaml").write_text(f'reject: ["{merge}", "{relabel}"]\n')
+    args = ["govern", "--catalog", str(data / "catalog.parquet"), "--workdir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--review", str(tmp_path / "review.yaml")])
+    assert result.exit_code == 0, result.output
+    cm = g.load_class_map(str(tmp_path / "govern" / "class_map.json"))
+    label, into = merge.removeprefix("merge:").split("->")
+    doc = relabel.removeprefix("relabel:")
+    assert cm["labels"][label] != cm["labels"][into]
+    assert doc not in cm["relabelled"] and doc not in cm["doc_class"]
+    assert cm["review"]["rejected"] == [merge, relabel]
+    consistent(cm, *_rows(data))
+    assert (tmp_path / "govern" / "report.html").read_text().count('class="rejected"') == 2
+
+
+def _rows(data) -> tuple[list[str], list[str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data / "catalog.parquet", columns=["doc_id", "label"])
+    rows = [(d, lab) for d, lab in zip(*table.to_pydict().values(), strict=True) if lab]
+    return [d for d, _ in rows], [lab for _, lab in rows]
 
 
 @pytest.mark.ray
@@ -358,3 +406,139 @@ def test_title_tokens_count_repeats_and_read_the_name_sentence_only():
         "boy#1",
     }
     assert "##1" in g.title_tokens("keycap: #. keycap") and "*#1" in g.title_tokens("keycap: *")
+
+
+# --------------------------------------------------------------------------- review
+
+
+def consistent(cm, doc_ids, labels):
+    """Class ids 0..num_classes-1, sizes and weights that match the rows' classes."""
+    n = cm["num_classes"]
+    assert [c["id"] for c in cm["classes"]] == list(range(n))
+    rows = [
+        cm["doc_class"].get(d, cm["labels"][lab])
+        for d, lab in zip(doc_ids, labels, strict=True)
+        if d not in cm["dropped"]
+    ]
+    assert np.bincount(rows, minlength=n).tolist() == [c["size"] for c in cm["classes"]]
+    assert len(g.class_weights(cm)) == n
+    assert g.load_class_map(cm)["version"] == cm["version"]
+
+
+def test_report_html_lists_every_decision_with_pictures_and_escaped_titles(proposed, organised):
+    from oclear_ray import review
+    from tests.conftest import png_bytes
+
+    doc_ids, labels, noisy, out = proposed
+    decisions = g.decisions(doc_ids, labels, out, g.GovernConfig())
+    ids = [d["id"] for d in decisions]
+    assert ids == ["merge:L0b->L0", "split:broad", *(f"relabel:{doc_ids[i]}" for i in noisy)]
+    thumb = review.thumbnail(png_bytes(size=(96, 40)))
+    assert thumb.startswith("data:image/png;base64,")
+    docs = {
+        d: {"text": f"<b>mug</b> & {d}", "label": lab, "thumb": thumb}
+        for d, lab in zip(doc_ids, labels, strict=True)
+    }
+    page = review.html(decisions, docs, organised[3], review.Review(reject=frozenset(ids[:1])))
+    for decision_id in ids:
+        assert f'<section class="{"rejected" if decision_id == ids[0] else "proposed"}" ' in page
+        assert f'id="{decision_id.replace(">", "&gt;")}"' in page
+    assert page.count("<img ") == sum(len(p["docs"]) for d in decisions for p in d["groups"])
+    assert "<b>mug" not in page and "&lt;b&gt;mug&lt;/b&gt; &amp; d0" in page
+    assert "(6 of 12 shown)" in page and "--review" in page
+
+
+def test_thumbnail_fits_the_side_and_keeps_the_aspect():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from oclear_ray.review import thumbnail
+    from tests.conftest import png_bytes
+
+    data = base64.b64decode(thumbnail(png_bytes(size=(96, 40))).split(",", 1)[1])
+    assert Image.open(io.BytesIO(data)).size == (48, 20)
+    assert thumbnail(None) is None
+
+
+def test_a_review_undoes_the_rejected_decisions_and_the_rest_stands(proposed, organised):
+    from oclear_ray.review import Review
+
+    doc_ids, labels, noisy, out = proposed
+    base, cfg = organised[3], g.GovernConfig()
+
+    def reviewed(**ids):
+        cm = g.build_class_map(
+            doc_ids, labels, out, cfg, Review(**{k: frozenset(v) for k, v in ids.items()})
+        )
+        consistent(cm, doc_ids, labels)
+        assert cm["version"] != base["version"]
+        return cm
+
+    cm = reviewed(reject=["merge:L0b->L0"])
+    assert cm["labels"]["L0"] != cm["labels"]["L0b"] and cm["merges"] == []
+    assert cm["num_classes"] == 11 and [s["class"] for s in cm["splits"]] == ["broad"]
+    assert cm["relabelled"].keys() == base["relabelled"].keys()
+    assert cm["review"] == {"accepted": [], "rejected": ["merge:L0b->L0"]}
+
+    row = noisy[0]
+    cm = reviewed(reject=[f"relabel:{doc_ids[row]}"])
+    assert doc_ids[row] not in cm["relabelled"] and doc_ids[row] not in cm["doc_class"]
+    assert cm["relabelled"].keys() == {doc_ids[i] for i in noisy[1:]}
+    size = {c["name"]: c["size"] for c in cm["classes"]}
+    before = {c["name"]: c["size"] for c in base["classes"]}
+    assert size["L1"] == before["L1"] - 1 and size[labels[row]] == before[labels[row]] + 1
+
+    cm = reviewed(reject=["split:broad"], accept=["merge:L0b->L0"])
+    assert cm["splits"] == [] and cm["num_classes"] == 9
+    broad = [d for d, lab in zip(doc_ids, labels, strict=True) if lab == "broad"]
+    assert not set(broad) & cm["doc_class"].keys()
+    assert cm["merges"] == base["merges"] and cm["relabelled"] == base["relabelled"]
+    assert cm["review"] == {"accepted": ["merge:L0b->L0"], "rejected": ["split:broad"]}
+
+
+def test_a_rejected_merge_stays_apart_whatever_links_remain():
+    pairs = [(0, 1, "same centre", 0.99), (1, 2, "same centre", 0.98), (2, 0, "same centre", 0.97)]
+    classes, kept = g.merge_apart(4, pairs, set())
+    assert classes.tolist() == g.merge_labels(4, pairs).tolist() == [0, 0, 0, 1]
+    classes, kept = g.merge_apart(4, pairs, {frozenset((2, 0))})
+    assert classes.tolist() == [0, 0, 1, 2] and kept == pairs[:1]
+
+
+def test_review_errors_name_the_bad_ids_and_files(proposed, tmp_path):
+    from oclear_ray.review import Review, load_review
+
+    doc_ids, labels, _, out = proposed
+    bad = Review(reject=frozenset({"merge:L9->nowhere", "drop:d0"}))
+    with pytest.raises(ValueError, match=r"\['drop:d0', 'merge:L9->nowhere'\]"):
+        g.build_class_map(doc_ids, labels, out, g.GovernConfig(), bad)
+    with pytest.raises(ValueError, match="both accepts and rejects split:broad"):
+        Review(accept=frozenset({"split:broad"}), reject=frozenset({"split:broad"}))
+    (tmp_path / "r.yaml").write_text('reject:\n  - "merge:L0b->L0"\naccept: [split:broad]\n')
+    (tmp_path / "r.json").write_text('{"reject": ["merge:L0b->L0"], "accept": ["split:broad"]}')
+    for name in ("r.yaml", "r.json"):
+        verdict = load_review(str(tmp_path / name))
+        assert verdict.reject == {"merge:L0b->L0"} and verdict.accept == {"split:broad"}
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_review(str(tmp_path / "empty.yaml")) == Review()
+    for text, match in (
+        ('{"reject": "drop:d1"}', "reject must be a list"),
+        ("rejected: []", r"keys are 'reject' and 'accept', got \['rejected'\]"),
+        ("- drop:d1", "a mapping"),
+        ("[a", "YAML"),
+    ):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_review(str(tmp_path / "bad.yaml"))
+    with pytest.raises(FileNotFoundError, match="no review file"):
+        load_review(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_govern_refuses_a_bad_review_file_before_starting_ray(tmp_path):
+    from oclear_ray.cli import app
+
+    (tmp_path / "review.yaml").write_text("reject: drop:d1\n")
+    args = ["govern", "--catalog", str(tmp_path / "c.parquet"), "--workdir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--review", str(tmp_path / "review.yaml")])
+    assert result.exit_code == 2 and "reject must be a list" in result.output, result.output
