@@ -98,9 +98,8 @@ class ShardedMarginSoftmax(nn.Module):
 
         ``embeddings`` [B_local, dim] are L2-normalised here (callers need not) and cast to
         the centres' dtype (e.g. bf16 encoder outputs, float32 softmax, with autocast off
-        inside); ``labels``
-        [B_local] are global class ids, -1 for "no label" (the row is ignored). Local batch
-        sizes may differ between ranks.
+        inside); ``labels`` [B_local] are global class ids, -1 for "no label" (the row is
+        ignored). Local batch sizes may differ between ranks.
         """
         self._check_inputs(embeddings, labels)
         # the softmax stays in the centres' dtype (float32) whatever the caller's autocast:

@@ -123,7 +123,7 @@ def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size:
         im = None if images is None else images[i : i + batch_size]
         tx = None if texts is None else texts[i : i + batch_size]
         emb = encoder.encode_doc(im, tx) if doc else encoder.encode_query(im, tx)
-        out.append(emb.float().numpy())
+        out.append(emb.numpy())
     return np.concatenate(out)
 
 
@@ -142,7 +142,7 @@ def encode_queries(encoder, images: list, texts: list) -> np.ndarray:
             continue
         im = [images[i] for i in rows] if with_image else None
         tx = [texts[i] for i in rows] if with_text else None
-        emb = encoder.encode_query(images=im, texts=tx).float().cpu().numpy()
+        emb = encoder.encode_query(images=im, texts=tx).cpu().numpy()
         out = np.zeros((len(images), emb.shape[1]), np.float32) if out is None else out
         out[rows] = emb
     missing = np.flatnonzero(~has_image & ~has_text)

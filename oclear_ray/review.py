@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html as _html
-import io
 from collections import Counter
 from dataclasses import dataclass
 
@@ -88,17 +87,12 @@ def load_review(path: str) -> Review:
 
 
 def thumbnail(data: bytes | None, size: int = THUMB) -> str | None:
-    """A PNG data URI of the image fitted in ``size`` x ``size`` (None without an image)."""
-    from PIL import Image
+    """A PNG data URI of the image fitted in ``size`` x ``size`` (``evaluate.thumbnail``; None
+    without a readable image)."""
+    from oclear_ray.evaluate import thumbnail as png_thumbnail
 
-    if not data:
-        return None
-    with Image.open(io.BytesIO(data)) as img:
-        small = img.convert("RGB")
-    small.thumbnail((size, size))
-    buf = io.BytesIO()
-    small.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    png = png_thumbnail(data or None, size)
+    return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def thumbnail_rows(batch: pa.Table, *, keep: list[str], size: int = THUMB) -> pa.Table:

@@ -192,7 +192,7 @@ def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -
             stacked = np.stack([items[i][0] for i in rows])
             images = torch.from_numpy(normalize_array(stacked, encoder.preprocess))
         texts = [items[i][1] for i in rows] if has_text else None
-        vectors = encoder.encode_query(images=images, texts=texts).float().cpu().numpy()
+        vectors = encoder.encode_query(images=images, texts=texts).cpu().numpy()
         for i, vector in zip(rows, vectors, strict=True):
             out[i] = vector
     return out

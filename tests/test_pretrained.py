@@ -128,8 +128,8 @@ def offline(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(monkeypatch_cache := "/nonexistent"))
-    return monkeypatch_cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent")
+    return "/nonexistent"
 
 
 def test_unreachable_hub_models_are_one_clear_error_naming_model_and_cache(offline, tmp_path):
