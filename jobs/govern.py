@@ -2,7 +2,7 @@
 WORKDIR/govern/ (class_map.json, report.json, report.md, report.html) for the training job.
 
     ray job submit --working-dir . -- python -m jobs.govern --catalog data/catalog.parquet \
-        --workdir W [--queries data/queries.parquet] [--model W/train/model] [--policy sqrt] \
+        --workdir W [--queries data/queries.parquet] [--model W/train/model] [--policy none] \
         [--review review.yaml]
 """
 
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--queries", default=None, help="query set whose labels are checked")
     p.add_argument("--model", default=None, help="exported model: add its doc embeddings")
-    p.add_argument("--policy", default="sqrt", help="sampling: none, sqrt or balanced")
+    p.add_argument("--policy", default="none", help="sampling: none, sqrt or balanced")
     p.add_argument("--cap", type=int, default=None, help="most draws of a class per epoch")
     p.add_argument("--truth", default=None, help="oclear synth truth.json to score against")
     p.add_argument("--review", default=None, help="review file: decision ids to reject/accept")

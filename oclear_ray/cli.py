@@ -125,7 +125,7 @@ def govern(
     model_dir: str | None = typer.Option(
         None, "--model", help="Exported model: add its document embeddings to the features."
     ),
-    policy: str = typer.Option("sqrt", help="Sampling for training: none, sqrt or balanced."),
+    policy: str = typer.Option("none", help="Sampling for training: none, sqrt or balanced."),
     cap: int | None = typer.Option(None, help="Most draws of one class per epoch."),
     truth: Annotated[
         Path | None, typer.Option(help="oclear synth truth.json to score against.")

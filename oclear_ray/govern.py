@@ -78,9 +78,11 @@ class GovernConfig:
     min_support: documents of a row's own class that sit at home elsewhere for the row to
         count as noisy at all: looking like another class is no evidence on its own (a class's
         only document, or a look-alike of another class, keeps its label).
-    policy: per-class sampling for training: "none", "sqrt" (square-root of the class size)
-        or "balanced" (every class alike); cap: most documents a class draws per epoch
-        (None: no cap); tail: classes with at most this many documents count as the long tail.
+    policy: per-class sampling for training: "none" (the default: every document once an
+        epoch; sqrt cost MAP@R on openmoji-dev, whose classes are real), "sqrt" (square-root
+        of the class size) or "balanced" (every class alike); cap: most documents a class
+        draws per epoch (None: no cap); tail: classes with at most this many documents count
+        as the long tail.
     """
 
     text_dim: int = 2048
@@ -101,7 +103,7 @@ class GovernConfig:
     min_split: int = 2
     min_confidence: float = 0.5
     min_support: int = 2
-    policy: str = "sqrt"
+    policy: str = "none"
     cap: int | None = None
     tail: int = 5
 
