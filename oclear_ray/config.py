@@ -217,27 +217,64 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        data = dict(data or {})
-        model = ModelConfig.from_dict(data.pop("model", {}) or {})
+        data = _read(cls, data or {}, "")
+        model = ModelConfig.from_dict(data.pop("model", {}))
         return _build(cls, {**data, "model": model})
 
 
-def _build(cls, data):
-    """Build dataclass ``cls`` from nested dicts, naming unknown keys."""
-    if dataclasses.is_dataclass(data) or not isinstance(data, dict):
-        return data
+def _read(cls, data, path: str) -> dict:
+    """``data`` for dataclass ``cls`` as plain nested dicts with every value read as its field's
+    type by pydantic (a YAML string such as ``1e-3``, which YAML 1.1 does not read as a number,
+    becomes the float the field wants; a number is never read as a bool or a bool as a number);
+    unknown keys and values of the wrong type are errors that name them."""
+    where = path or "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    unknown = set(data) - set(hints)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where} (known: {known})")
+    return {
+        key: _value(hints[key], value, f"{path}.{key}" if path else key)
+        for key, value in data.items()
+    }
+
+
+def _value(hint, value, path: str):
+    if dataclasses.is_dataclass(value):
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _read(hint, value, path)
+    item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+    if dataclasses.is_dataclass(item):
+        if not isinstance(value, list):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        return [_value(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    from pydantic import TypeAdapter, ValidationError
+
+    try:  # numbers strictly (no bool for an int, no 2.5 for an int), strings and lists laxly
+        return TypeAdapter(hint).validate_python(value, strict=isinstance(value, int | float))
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise ValueError(f"{path} must be {_type_name(hint)}, got {value!r} ({reason})") from None
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _build(cls, data: dict):
+    """Build dataclass ``cls`` from the dicts :func:`_read` returns."""
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _build(hint, value)
-        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            value = [_build(typing.get_args(hint)[0], v) for v in value]
+        elif dataclasses.is_dataclass(item):
+            value = [_build(item, v) if isinstance(v, dict) else v for v in value]
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -249,8 +286,42 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML config (or the defaults) and apply ``{"run.workers": 2, ...}`` overrides."""
+def parse_sets(pairs: list[str] | None) -> dict:
+    """``["optim.lr=1e-3", "run.workers=4"]`` (``--set`` on the command line) as
+    ``{"optim.lr": "1e-3", "run.workers": 4}``: each value read as YAML, then as its field's
+    type when the config is built."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE (e.g. optim.lr=1e-3), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _set_existing(tree: dict, dotted: str, value) -> None:
+    """Set ``dotted`` in a resolved config dict, naming the first key that does not exist (a
+    list takes an index: ``schedule.0.steps``)."""
+    node, keys = tree, dotted.split(".")
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "the config"
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
+                raise ValueError(f"--set {dotted}: {where} has {len(node)} entries, no {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict) or key not in node:
+            known = ", ".join(node) if isinstance(node, dict) else "none: it is a value"
+            raise ValueError(f"--set {dotted}: no key {key!r} in {where} (known: {known})")
+        if depth == len(keys) - 1:
+            node[key] = value
+        node = node[key]
+
+
+def load_config(
+    path: str | None = None, overrides: dict | None = None, sets: dict | None = None
+) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply ``{"run.workers": 2, ...}`` overrides (None
+    values skipped), then ``sets`` (from :func:`parse_sets`: keys must name existing fields)."""
     data = {}
     if path:
         with open(path) as f:
@@ -258,7 +329,13 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(data, dotted, value)
-    return TrainConfig.from_dict(data)
+    cfg = TrainConfig.from_dict(data)
+    if not sets:
+        return cfg
+    tree = cfg.to_dict()
+    for dotted, value in sets.items():
+        _set_existing(tree, dotted, value)
+    return TrainConfig.from_dict(tree)
 
 
 def train_config(
@@ -268,8 +345,10 @@ def train_config(
     steps: int | None = None,
     max_minutes: float | None = None,
     use_gpu: bool | None = None,
+    sets: list[str] | None = None,
 ) -> TrainConfig:
-    """The config from YAML (or defaults) with the command line's usual overrides."""
+    """The config from YAML (or defaults) with the command line's usual overrides and its
+    ``--set KEY=VALUE`` pairs."""
     overrides = {"run.workers": workers, "run.max_minutes": max_minutes, "run.use_gpu": use_gpu}
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, parse_sets(sets))
     return cfg.with_total_steps(steps) if steps else cfg

@@ -58,7 +58,13 @@ def test_a_time_budget_moves_the_schedule_on():
         ({"run": {"workers": 0}}, "run.workers must be >= 1, got 0"),
         ({"schedule": [{"name": "a", "steps": 1, "towers": "text"}]}, "towers must be one of"),
         ({"schedule": []}, "schedule needs at least one stage"),
-        ({"run": {"wrokers": 2}}, r"unknown RunConfig keys: \['wrokers'\]"),
+        ({"run": {"wrokers": 2}}, r"unknown key\(s\) \['wrokers'\] in run \(known: workers,"),
+        ({"model": {"image": {"nmae": "x"}}}, r"unknown key\(s\) \['nmae'\] in model.image"),
+        ({"optim": {"lr": "fast"}}, "optim.lr must be float, got 'fast'"),
+        ({"run": {"workers": True}}, "run.workers must be int, got True"),
+        ({"run": {"workers": 2.5}}, "run.workers must be int, got 2.5"),
+        ({"schedule": [{"name": "a", "steps": "x"}]}, "schedule.0.steps must be int, got 'x'"),
+        ({"schedule": {"name": "a"}}, "schedule must be a list"),
     ],
 )
 def test_bad_values_are_named(data, message):
@@ -78,3 +84,50 @@ def test_fusion_options_validate():
         TrainConfig.from_dict({"head": {"text_weight": -1.0}})
     with pytest.raises(ValueError, match="doc_query_view"):
         TrainConfig.from_dict({"data": {"doc_query_view": "sketch"}})
+
+
+def test_yaml_strings_are_read_as_the_numbers_fields_want(tmp_path):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: the field's type decides."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 1e-3, head_lr: 5E-4}\nrun: {max_minutes: '2.5', workers: '3'}\n")
+    cfg = load_config(str(path))
+    assert (cfg.optim.lr, cfg.optim.head_lr) == (0.001, 0.0005)
+    assert isinstance(cfg.optim.lr, float)
+    assert (cfg.run.max_minutes, cfg.run.workers) == (2.5, 3)
+    model = TrainConfig.from_dict({"model": {"embed_dim": "64", "preprocess": {"mean": [1, 0, 0]}}})
+    assert model.model.embed_dim == 64 and model.model.preprocess.mean == (1.0, 0.0, 0.0)
+
+
+def test_set_overrides_any_field_after_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 0.1}\nrun: {workers: 3}\n")
+    cfg = train_config(
+        str(path),
+        workers=4,
+        sets=[
+            "optim.lr=1e-3",
+            "schedule.1.steps=7",
+            "model.image.name=resnet18",
+            "head.text_weight=null",
+        ],
+    )
+    assert (cfg.optim.lr, cfg.run.workers, cfg.model.image.name) == (0.001, 4, "resnet18")
+    assert [s.steps for s in cfg.schedule] == [600, 7] and cfg.head.text_weight is None
+    assert train_config(None, sets=["run.workers=1"], workers=3).run.workers == 1
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("optim.lrr=1", r"--set optim.lrr: no key 'lrr' in optim \(known: lr, head_lr,"),
+        ("optimizer.lr=1", r"--set optimizer.lr: no key 'optimizer' in the config"),
+        ("schedule.2.steps=1", r"--set schedule.2.steps: schedule has 2 entries, no '2'"),
+        ("run.workers.x=1", r"--set run.workers.x: no key 'x' in run.workers"),
+        ("run.workers=two", "run.workers must be int, got 'two'"),
+        ("run.use_gpu=3", "run.use_gpu must be bool, got 3"),
+        ("run.workers", r"--set takes KEY=VALUE \(e.g. optim.lr=1e-3\), got 'run.workers'"),
+    ],
+)
+def test_set_names_a_wrong_key_or_type(pair, message):
+    with pytest.raises(ValueError, match=message):
+        train_config(None, sets=[pair])
