@@ -116,11 +116,17 @@ class StageConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+SCHEDULE_BY = ("steps", "time")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """Workers and resources, precision, checkpoints, failures and the wall-time budget."""
+    """Workers and resources, precision, checkpoints, failures and the wall-time budget.
+
+    schedule_by: "steps" runs the schedule's steps (``max_minutes`` then only caps them);
+    "time" makes ``max_minutes`` the schedule: the stages and the decay are shares of the
+    wall time, so a bigger budget trains longer (the warm-up stays in steps).
+    """
 
     workers: int = 2
     cpus_per_worker: float = 0.5
@@ -131,6 +137,7 @@ class RunConfig:
     checkpoint_every: int = 100
     max_failures: int = 1
     max_minutes: float | None = None
+    schedule_by: str = "steps"
     log_every: int = 10
     seed: int = 0
 
@@ -148,6 +155,12 @@ class RunConfig:
             raise ValueError("run.checkpoint_every and run.log_every must be >= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"run.max_minutes must be > 0, got {self.max_minutes}")
+        if self.schedule_by not in SCHEDULE_BY:
+            raise ValueError(
+                f"run.schedule_by must be one of {SCHEDULE_BY}, got {self.schedule_by!r}"
+            )
+        if self.schedule_by == "time" and self.max_minutes is None:
+            raise ValueError("run.schedule_by 'time' needs run.max_minutes (the budget to fill)")
 
 
 def _default_schedule() -> list[StageConfig]:
@@ -180,9 +193,11 @@ class TrainConfig:
         return sum(s.steps for s in self.schedule)
 
     def progress(self, step: int, time_fraction: float = 0.0) -> float:
-        """How far the run is, in [0, 1]: by steps, or by wall time when a budget is set and
-        time runs out first (so a ``--max-minutes`` run still goes through every stage and
-        ends with a decayed learning rate)."""
+        """How far the run is, in [0, 1]: by wall time when the budget is the schedule, else
+        by steps, or by wall time when a budget is set and time runs out first (so a capped
+        run still goes through every stage and ends with a decayed learning rate)."""
+        if self.run.schedule_by == "time":
+            return min(1.0, time_fraction)
         return min(1.0, max(step / self.total_steps, time_fraction))
 
     def stage_at(self, progress: float) -> StageConfig:
@@ -199,18 +214,20 @@ class TrainConfig:
         warm = self.optim.warmup_steps
         if step < warm:
             return (step + 1) / warm
-        start = warm / self.total_steps
+        start = warm / self.total_steps if self.run.schedule_by == "steps" else 0.0
         rest = (progress - start) / max(1e-9, 1.0 - start)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, rest))))
 
     def with_total_steps(self, steps: int) -> TrainConfig:
-        """The same schedule scaled to ``steps`` in all (each stage keeps its share, >= 1)."""
+        """The same schedule scaled to ``steps`` in all (each stage keeps its share, >= 1),
+        scheduled by steps."""
         total = self.total_steps
         stages = [
             dataclasses.replace(s, steps=max(1, round(s.steps * steps / total)))
             for s in self.schedule
         ]
-        return dataclasses.replace(self, schedule=stages)
+        run = dataclasses.replace(self.run, schedule_by="steps")
+        return dataclasses.replace(self, schedule=stages, run=run)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "model": self.model.to_dict()}
@@ -348,7 +365,10 @@ def train_config(
     sets: list[str] | None = None,
 ) -> TrainConfig:
     """The config from YAML (or defaults) with the command line's usual overrides and its
-    ``--set KEY=VALUE`` pairs."""
+    ``--set KEY=VALUE`` pairs: a budget without ``steps`` is the schedule (filled), with
+    ``steps`` a cap."""
     overrides = {"run.workers": workers, "run.max_minutes": max_minutes, "run.use_gpu": use_gpu}
+    if max_minutes and not steps:
+        overrides["run.schedule_by"] = "time"
     cfg = load_config(path, overrides, parse_sets(sets))
     return cfg.with_total_steps(steps) if steps else cfg

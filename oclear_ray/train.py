@@ -144,11 +144,13 @@ def _checkpoint_state(model, optim, head, head_optim) -> dict:
         "head": head.state_dict(),
         "head_optim": _head_optim_state(head, head_optim),
         "step": torch.zeros((), dtype=torch.int64),
+        "progress": torch.zeros((), dtype=torch.float64),
     }
 
 
-def _restore(checkpoint, model, optim, head, head_optim) -> int:
-    """Load a checkpoint taken with any number of workers; return the step to continue from."""
+def _restore(checkpoint, model, optim, head, head_optim) -> tuple[int, float]:
+    """Load a checkpoint taken with any number of workers; return the step and the share of
+    the run (progress) to continue from."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -162,19 +164,20 @@ def _restore(checkpoint, model, optim, head, head_optim) -> int:
         k: parallel.from_row_sharded(v, n, start, stop).clone() if k in _ROW_STATE else v
         for k, v in state["head_optim"].items()
     }
-    return int(state["step"])
+    return int(state["step"]), float(state["progress"])
 
 
 _ROW_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
-def _save(step: int, model, optim, head, head_optim, metrics: dict) -> None:
+def _save(step: int, progress: float, model, optim, head, head_optim, metrics: dict) -> None:
     """DCP checkpoint (each rank writes its shards) reported to Ray Train."""
     import ray.train
     import torch.distributed.checkpoint as dcp
 
     state = _checkpoint_state(model, optim, head, head_optim)
     state["step"] = torch.tensor(step, dtype=torch.int64)
+    state["progress"] = torch.tensor(progress, dtype=torch.float64)
     with tempfile.TemporaryDirectory() as tmp:
         dcp.save(state, checkpoint_id=tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -255,20 +258,30 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model, head, optim, head_optim = _build(cfg, config["num_classes"], device)
     checkpoint = ray.train.get_checkpoint()
-    step = _restore(checkpoint, model, optim, head, head_optim) if checkpoint else 0
+    step, done_share = (0, 0.0)
+    if checkpoint:
+        step, done_share = _restore(checkpoint, model, optim, head, head_optim)
     resumed_from = step
+    by_time = cfg.run.schedule_by == "time"
     pre = cfg.model.preprocess
     docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs", device)
     shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
     queries = _forever(shard, cfg.data.query_batch_size, "queries", device) if shard else None
     budget = _time_budget(started, config.get("deadline"))
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    tracked = None
+    if rank0 and config.get("tracking"):
+        from oclear_ray.tracking import RunRef
+
+        tracked = RunRef(**config["tracking"])
     clock = {"wait": 0.0, "total": 0.0, "samples": 0, "run_wait": 0.0, "run_total": 0.0}
     clock["run_samples"] = 0
-    while step < cfg.total_steps:
+    while by_time or step < cfg.total_steps:
         t0 = time.monotonic()
         batch = _make_batch(next(docs), next(queries) if queries else None, pre, device)
         t1 = time.monotonic()
         elapsed = (time.time() - started) / budget if budget else 0.0
+        elapsed = done_share + (1.0 - done_share) * elapsed  # a resumed run goes on from its share
         progress = cfg.progress(step, parallel.max_over_ranks(elapsed))
         stage = cfg.stage_at(progress)
         _set_lr(cfg, step, progress, optim, head_optim)
@@ -280,33 +293,45 @@ def train_loop_per_worker(config: dict) -> None:
         optim.step(), head_optim.step()
         optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
         step += 1
-        if "startup_wait_s" not in clock:  # the pipeline starting up: a one-off, kept apart
-            clock["startup_wait_s"] = t1 - t0
-        else:
-            clock["wait"] += t1 - t0
-            clock["total"] += time.monotonic() - t0
-            clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
-        out_of_time = progress >= 1.0 and step < cfg.total_steps
-        done = step >= cfg.total_steps or out_of_time
-        if step % cfg.run.log_every == 0 or done or step % cfg.run.checkpoint_every == 0:
+        _tick(clock, t0, t1, batch)
+        out_of_time = progress >= 1.0 and (by_time or step < cfg.total_steps)
+        done = out_of_time or (not by_time and step >= cfg.total_steps)
+        keep = done or step % cfg.run.checkpoint_every == 0
+        if keep or step % cfg.run.log_every == 0:
             metrics = _metrics(step, stage.name, loss, clock, head.world_size)
-            metrics["resumed_from"] = resumed_from
-            if step % cfg.run.checkpoint_every == 0 or done:
-                _save(step, model, optim, head, head_optim, metrics)
-            else:
-                ray.train.report(metrics)
-            if ray.train.get_context().get_world_rank() == 0:
-                print(
-                    LOG,
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in metrics.items()
-                    ),
-                    flush=True,
-                )
-        if out_of_time:
+            metrics.update(resumed_from=resumed_from, progress=progress)
+            _report(metrics, (model, optim, head, head_optim) if keep else None)
+            if tracked is not None:
+                tracked.log_metrics(metrics, step)
+        if done:
             break
     _export(model, cfg, config)
+
+
+def _tick(clock: dict, t0: float, t1: float, batch: Batch) -> None:
+    """Count a step's data wait, time and samples (the first batch's wait, the pipeline
+    starting up, is a one-off kept apart)."""
+    if "startup_wait_s" not in clock:
+        clock["startup_wait_s"] = t1 - t0
+        return
+    clock["wait"] += t1 - t0
+    clock["total"] += time.monotonic() - t0
+    clock["samples"] += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
+
+
+def _report(metrics: dict, state: tuple | None) -> None:
+    """Report to Ray Train, with a checkpoint of ``state`` when given; rank 0 logs the line."""
+    import ray.train
+
+    if state is not None:
+        _save(metrics["step"], metrics["progress"], *state, metrics)
+    else:
+        ray.train.report(metrics)
+    if ray.train.get_context().get_world_rank() == 0:
+        line = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+        )
+        print(LOG, line, flush=True)
 
 
 def _time_budget(started: float, deadline: float | None) -> float | None:
@@ -345,7 +370,7 @@ def _export(model, cfg: TrainConfig, config: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from oclear_ray import storage
-    from oclear_ray.export import export_model
+    from oclear_ray.export import CONFIG_FILE, export_model
     from oclear_ray.text import TextTokenizer
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -357,7 +382,7 @@ def _export(model, cfg: TrainConfig, config: dict) -> None:
     tokenizer = TextTokenizer.from_file(config["tokenizer_path"])
     with tempfile.TemporaryDirectory() as tmp:
         export_model(plain.eval(), tokenizer, tmp)
-        storage.copy_dir(tmp, config["model_dir"])
+        storage.publish_dir(tmp, config["model_dir"], manifest=CONFIG_FILE)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -447,15 +472,23 @@ def fit(
     class_map: dict | str | None = None,
     name: str = "train",
     progress=None,
+    on_report=None,
+    tracking=None,
 ) -> TrainResult:
-    """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model."""
+    """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model;
+    with ``tracking`` (``tracking.Tracking``), one MLflow run holds the resolved config and
+    rank 0's metrics; ``on_report(metrics)`` is told rank 0's reports in this process as it
+    trains."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from oclear_ray import storage
     from oclear_ray.contract import CATALOG, QUERIES
+    from oclear_ray.export import read_manifest
     from oclear_ray.govern import find_class_map
     from oclear_ray.model import resolve_pretrained
+    from oclear_ray.runtime import forward_reports
+    from oclear_ray.tracking import start_run
 
     deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     cfg = replace(cfg, model=resolve_pretrained(cfg.model))  # before any data or worker
@@ -481,30 +514,41 @@ def fit(
             q_ds, view="query", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
         )
     model_dir = storage.absolute(storage.join(train_dir, "model"))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "num_classes": class_map["num_classes"],
-            "has_queries": q_ds is not None,
-            "tokenizer_path": tokenizer_path,
-            "model_dir": model_dir,
-            "deadline": deadline,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.workers,
-            use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage.absolute(storage.join(train_dir, "runs")),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
+    inputs = {"catalog": catalog, "queries": queries, "workdir": workdir, "name": name}
+    inputs |= {"class_map": class_map["version"], "num_classes": class_map["num_classes"]}
+    params = {"config": cfg.to_dict(), "inputs": inputs}
+    with (
+        start_run(tracking, "train", params=params) as run,
+        forward_reports(on_report) as callbacks,
+    ):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": cfg.to_dict(),
+                "num_classes": class_map["num_classes"],
+                "has_queries": q_ds is not None,
+                "tokenizer_path": tokenizer_path,
+                "model_dir": model_dir,
+                "deadline": deadline,
+                "tracking": run and {"uri": run.uri, "run_id": run.run_id},
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.run.workers,
+                use_gpu=cfg.run.use_gpu,
+                resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage.absolute(storage.join(train_dir, "runs")),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
+            ),
+            datasets=datasets,
+        )
+        result = trainer.fit()
+        if run is not None:
+            run.set_tags({"model_version": read_manifest(model_dir)["model_version"]})
     quarantined = {"catalog": doc_report.quarantined}
     if q_report:
         quarantined["queries"] = q_report.quarantined
@@ -514,7 +558,7 @@ def fit(
     return TrainResult(
         model_dir,
         class_map["num_classes"],
-        cfg.total_steps,
+        (result.metrics or {}).get("step", cfg.total_steps),
         result.metrics,
         quarantined,
         class_map_version=class_map["version"],

@@ -49,6 +49,23 @@ def test_a_time_budget_moves_the_schedule_on():
     assert cfg.lr_factor(40, 0.5) < cfg.lr_factor(40, 0.4)
 
 
+def test_a_budget_without_steps_is_the_schedule():
+    """--max-minutes alone fills the time: stages and decay follow the clock, not the steps."""
+    cfg = train_config(None, max_minutes=30)
+    assert cfg.run.schedule_by == "time"
+    assert cfg.progress(10_000, time_fraction=0.5) == pytest.approx(0.5)  # steps don't count
+    assert cfg.stage_at(cfg.progress(5_000, 0.6)).name == "align"  # align owns 600 / 900
+    assert cfg.stage_at(cfg.progress(5_000, 0.7)).name == "fuse"
+    f = [cfg.lr_factor(100, t / 10) for t in range(11)]
+    assert f == sorted(f, reverse=True) and f[0] == pytest.approx(1.0) and f[-1] == 0.05
+    assert cfg.lr_factor(0, 0.0) == pytest.approx(1 / cfg.optim.warmup_steps)
+    capped = train_config(None, steps=90, max_minutes=30)  # with steps, the budget only caps
+    assert capped.run.schedule_by == "steps" and capped.progress(45, 0.1) == 0.5
+    assert train_config(None).run.schedule_by == "steps"
+    with pytest.raises(ValueError, match="schedule_by 'time' needs run.max_minutes"):
+        load_config(None, {"run.schedule_by": "time"})
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
