@@ -131,10 +131,14 @@ def _run_stage(
     return result
 
 
-def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -> dict:
+def run_pipeline(
+    cfg: PipelineConfig, *, log=lambda stage, status, info: None, progress=None
+) -> dict:
     """Run the stages in order (skipping current ones); ``{stage: StageResult}``.
 
-    ``log(stage, status, info)`` is told when a stage is skipped, starts and ends.
+    ``log(stage, status, info)`` is told when a stage is skipped, starts and ends;
+    ``progress(stage)``, when given, makes the callback a running stage is told its rows done
+    by (govern, train, embed) and, for train, rank 0's Ray Train reports (a dict).
     """
     from oclear_ray.embed import embed_catalog
     from oclear_ray.evaluate import evaluate
@@ -144,6 +148,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
     from oclear_ray.train import fit
 
     w = storage.absolute(cfg.workdir)  # Ray's workers and actors run in other directories
+    tick = progress or (lambda stage: None)
     data = {"catalog": fingerprint(cfg.catalog), "queries": fingerprint(cfg.queries)}
     results = {}
 
@@ -152,7 +157,9 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
         path = storage.join(w, "govern", "class_map.json")
 
         def run_govern() -> dict:
-            r = govern(cfg.catalog, w, config=cfg.govern, queries=cfg.queries)
+            r = govern(
+                cfg.catalog, w, config=cfg.govern, queries=cfg.queries, progress=tick("govern")
+            )
             choice = choose_class_map(cfg, w, r.class_map_path)
             record_choice(w, choice)
             return {"class_map": r.class_map_path, "version": r.version, "choice": choice}
@@ -181,13 +188,17 @@ def run_pipeline(cfg: PipelineConfig, *, log=lambda stage, status, info: None) -
             workdir=w,
             class_map=class_map,
             name=f"train-{key_of(train_inputs)}",
+            progress=tick("train"),
+            on_report=tick("train"),
         )
         return {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
 
     results["train"] = _run_stage(cfg, "train", train_inputs, model_dir, run_train, log)
 
     def run_embed() -> dict:
-        r = embed_catalog(cfg.catalog, w, model_dir=model_dir, config=cfg.embed)
+        r = embed_catalog(
+            cfg.catalog, w, model_dir=model_dir, config=cfg.embed, progress=tick("embed")
+        )
         return {"version": r.model_version, "embedded": r.embedded}
 
     inputs = {

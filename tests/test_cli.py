@@ -1,0 +1,134 @@
+"""The command line's one behaviour: every command through one error handler (a bad config or a
+failed training is one line naming it and a non-zero exit, the traceback in the command's log),
+``--set`` overrides checked by key and type, options that work, and a quiet console (Ray's own
+output in the log file, not on the terminal)."""
+
+import os
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from oclear_ray import cli
+from oclear_ray.cli import app
+from tests.local_ray import BIN, REPO
+from tests.tiny import TINY_MODEL
+
+TRAIN = ["train", "--catalog", "catalog.parquet", "--workdir"]
+PIPELINE = ["pipeline", "--catalog", "catalog.parquet", "--workdir"]
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("command", [TRAIN, PIPELINE], ids=["train", "pipeline"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "optim.lrr=1e-3"], "error: --set optim.lrr: no key 'lrr' in optim (known: lr,"),
+        (["--set", "run.workers=two"], "error: run.workers must be int, got 'two'"),
+        (["--set", "run.workers"], "error: --set takes KEY=VALUE (e.g. optim.lr=1e-3)"),
+    ],
+    ids=["wrong-key", "wrong-type", "no-value"],
+)
+def test_a_config_error_is_one_line_and_exit_2(tmp_path, command, extra, message):
+    work = tmp_path / "w"
+    result = run([*command, str(work), *extra])
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and lines[0].startswith(message), result.output
+    log = work / "logs" / f"{command[0]}.log"
+    assert lines[0].endswith(f"(log: {log})")
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
+def test_a_bad_yaml_value_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("optim: {lr: fast}\n")
+    result = run([*TRAIN, str(tmp_path / "w"), "--config", str(config)])
+    assert result.exit_code == 2
+    assert error_lines(result.output)[0].startswith("error: optim.lr must be float, got 'fast'")
+
+
+def test_a_failed_training_is_one_line_naming_the_worker_error(tmp_path, monkeypatch):
+    """Ray Train's WorkerGroupError unwrapped to what the worker raised: exit 1."""
+    from ray.train import WorkerGroupError
+
+    import oclear_ray.train
+
+    def fails(cfg, **kwargs):
+        assert cfg.optim.lr == 0.001  # the --set value, read as a float
+        boom = MemoryError("worker 0 ran out of memory")
+        raise WorkerGroupError("Worker 0 failed:\nTraceback ...", {0: boom})
+
+    monkeypatch.setattr(cli, "_init_ray", lambda address=None: None)
+    monkeypatch.setattr(oclear_ray.train, "fit", fails)
+    result = run([*TRAIN, str(tmp_path / "w"), "--set", "optim.lr=1e-3"])
+    assert result.exit_code == 1
+    stage, error = error_lines(result.output)  # its progress line, then the cause
+    assert stage.startswith("train: failed")
+    assert error.startswith("error: MemoryError: worker 0 ran out of memory (log: ")
+    assert "WorkerGroupError" in (tmp_path / "w" / "logs" / "train.log").read_text()
+
+
+def test_an_unknown_govern_mode_and_a_missing_input_are_one_line(tmp_path):
+    result = run([*PIPELINE, str(tmp_path / "w"), "--govern", "sometimes"])
+    assert result.exit_code == 2
+    assert error_lines(result.output)[0].startswith("error: --govern must be one of")
+    result = run(["search", "--workdir", str(tmp_path / "w"), "--text", "red mug"])
+    assert result.exit_code == 2 and len(error_lines(result.output)) == 1
+    assert "error: " in result.output and "(log: " in result.output
+
+
+def test_synth_draws_the_queries_it_is_asked_for(tmp_path):
+    out = tmp_path / "data"
+    args = ["synth", str(out), "--docs", "40", "--classes", "8", "--image-size", "16"]
+    result = run([*args, "--queries-per-class", "3", "--text-query-rate", "0.5"])
+    assert result.exit_code == 0, result.output
+    queries = [pq.read_table(out / f"{n}.parquet") for n in ("queries", "eval_queries")]
+    assert sum(t.num_rows for t in queries) == 8 * 3
+    texts = [t for q in queries for t in q.column("text").to_pylist() if t]
+    assert 0 < len(texts) < 8 * 3
+    default = tmp_path / "default"
+    assert run(["synth", str(default), "--docs", "40", "--classes", "8"]).exit_code == 0
+    queries = [pq.read_table(default / f"{n}.parquet") for n in ("queries", "eval_queries")]
+    assert sum(t.num_rows for t in queries) == 8 * 2
+    assert not any(t for q in queries for t in q.column("text").to_pylist())
+
+
+TINY = {
+    "model": TINY_MODEL,
+    "data": {"batch_size": 8, "query_batch_size": 4},
+    "schedule": [{"name": "fuse", "steps": 2}],
+    "run": {"workers": 1, "checkpoint_every": 100, "log_every": 1},
+}
+CHATTER = ("PlacementGroup", "TrainingReport", "Execution plan", "(raylet)", "INFO", "WARNING")
+
+
+@pytest.mark.ray
+def test_a_quiet_training_prints_its_progress_and_no_ray_chatter(tmp_path):
+    """``oclear train`` as a user runs it (its own process and embedded Ray): the terminal gets
+    the progress line and the result; Ray's messages are in WORKDIR/logs/train.log."""
+    from oclear_ray.synth import SynthConfig, generate
+
+    generate(str(tmp_path / "data"), SynthConfig(docs=40, classes=8, image_size=32, seed=0))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cmd = [str(BIN / "oclear"), *TRAIN[:2], str(tmp_path / "data" / "catalog.parquet")]
+    cmd += ["--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "tiny.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal
+    assert not [c for c in CHATTER if c in terminal], terminal
+    assert "train: done" in terminal and "2 steps" in terminal, terminal
+    assert f"model: {tmp_path / 'w' / 'train' / 'model'}" in terminal
+    assert len(terminal.splitlines()) < 25, terminal
+    log = (tmp_path / "w" / "logs" / "train.log").read_text()
+    assert "Execution plan" in log and "Ray's own logs: " in log
