@@ -20,6 +20,7 @@ import argparse
 import collections
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 
@@ -50,6 +51,7 @@ def overrides(pairs: list[str]) -> dict:
 
 
 def _score(model_dir: str, data: str) -> dict:
+    sys.path.insert(0, HERE)  # bench/train.py imports its neighbour baselines.py
     spec = importlib.util.spec_from_file_location("bench_train", os.path.join(HERE, "train.py"))
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
