@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oclear_ray.classmap import raw_class_map
 from oclear_ray.config import TrainConfig
 from oclear_ray.export import export_model
 from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries
 from oclear_ray.preprocess import PreprocessConfig, decode_image
 from oclear_ray.text import train_tokenizer
-from oclear_ray.train import _build, _make_batch, _set_lr, build_class_map, train_step
+from oclear_ray.train import _build, _make_batch, _set_lr, train_step
 
 PLAIN_SIZE = 64
 
@@ -136,9 +137,7 @@ def train_bare(
     torch.set_num_threads(cfg.run.workers * cfg.run.threads_per_worker)  # the same cores
     run = dataclasses.replace(cfg.run, workers=1, max_minutes=minutes, schedule_by="time")
     cfg = dataclasses.replace(cfg, run=run)
-    class_map = build_class_map(
-        set(catalog["label"].to_pylist()), set(queries["label"].to_pylist())
-    )
+    class_map = raw_class_map(catalog["label"].to_pylist() + queries["label"].to_pylist())
     tok = train_tokenizer(catalog["text"].to_pylist(), vocab_size=cfg.model.text.vocab_size)
     pre = cfg.model.preprocess
     with tempfile.TemporaryDirectory() as tmp:

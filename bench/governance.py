@@ -36,10 +36,11 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from oclear_ray.classmap import load_class_map
 from oclear_ray.config import TrainConfig, load_config
 from oclear_ray.evaluate import embed_in_process, exact_search
 from oclear_ray.export import load_doc_encoder, load_query_encoder
-from oclear_ray.govern import GovernConfig, govern, load_class_map, score_against_truth
+from oclear_ray.govern import GovernConfig, govern, score_against_truth
 from oclear_ray.runtime import init_ray
 from oclear_ray.synth import SynthConfig, generate, more_photos
 from oclear_ray.train import fit

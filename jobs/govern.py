@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from oclear_ray.govern import GovernConfig, govern, load_class_map, score_against_truth
+from oclear_ray.classmap import load_class_map
+from oclear_ray.govern import GovernConfig, govern, score_against_truth
 from oclear_ray.review import load_review
 from oclear_ray.runtime import init_ray
 

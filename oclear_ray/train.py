@@ -413,20 +413,12 @@ def _validated(path: str, contract, workdir: str, progress=None):
     return clean(read(path, contract), contract, report), report
 
 
-def build_class_map(*label_sets) -> dict:
-    """A class map without governance (one class per raw label, sorted for stability), used
-    when no governance class map is given or found."""
-    from oclear_ray.govern import raw_class_map
-
-    return raw_class_map(set().union(*label_sets))
-
-
 def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
     """Apply the class map, decode and tokenise once (cached in the object store when it
     fits); per epoch, resample documents by their class's sampling weight and augment."""
     from ray.data import ActorPoolStrategy
 
-    from oclear_ray.govern import apply_class_map, class_weights
+    from oclear_ray.classmap import apply_class_map, class_weights
     from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries, resample
 
     pre = cfg.model.preprocess
@@ -483,9 +475,9 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     from oclear_ray import storage
+    from oclear_ray.classmap import find_class_map, raw_class_map
     from oclear_ray.contract import CATALOG, QUERIES
     from oclear_ray.export import read_manifest
-    from oclear_ray.govern import find_class_map
     from oclear_ray.model import resolve_pretrained
     from oclear_ray.runtime import forward_reports
     from oclear_ray.tracking import start_run
@@ -495,8 +487,8 @@ def fit(
     workdir = storage.absolute(workdir)  # Ray Train's workers do not run in this directory
     docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
     q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
-    class_map = find_class_map(class_map, workdir) or build_class_map(
-        doc_report.label_set, q_report.label_set if q_report else set()
+    class_map = find_class_map(class_map, workdir) or raw_class_map(
+        doc_report.label_set | (q_report.label_set if q_report else set())
     )
     if not class_map["labels"]:
         raise ValueError(f"no labelled documents in {catalog}: training needs a label column")

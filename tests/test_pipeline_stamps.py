@@ -58,7 +58,7 @@ def _class_map(tmp_path, changed: bool) -> str:
     """A saved class map over labels a, b: with one relabel when ``changed``."""
     import json
 
-    from oclear_ray.govern import content_version, raw_class_map
+    from oclear_ray.classmap import content_version, raw_class_map
 
     body = {k: v for k, v in raw_class_map(["a", "b"]).items() if k != "version"}
     if changed:
