@@ -29,6 +29,13 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None, help="training wall-time budget")
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training config field, e.g. optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
         "--govern",
         choices=GOVERN_MODES,
         default="auto",
@@ -50,6 +57,7 @@ def main(args) -> None:
             steps=args.steps,
             max_minutes=args.max_minutes,
             use_gpu=args.use_gpu,
+            sets=args.set,
         ),
         fusion_ablation=args.fusion_ablation,
         govern_mode=args.govern,

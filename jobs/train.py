@@ -29,6 +29,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training config field, e.g. optim.lr=1e-3 (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -39,6 +46,7 @@ def main(args) -> None:
         steps=args.steps,
         max_minutes=args.max_minutes,
         use_gpu=args.use_gpu,
+        sets=args.set,
     )
     result = fit(
         cfg,

@@ -132,3 +132,26 @@ def test_a_quiet_training_prints_its_progress_and_no_ray_chatter(tmp_path):
     assert len(terminal.splitlines()) < 25, terminal
     log = (tmp_path / "w" / "logs" / "train.log").read_text()
     assert "Execution plan" in log and "Ray's own logs: " in log
+
+
+def test_the_jobs_take_set_too(monkeypatch):
+    """``python -m jobs.train`` / ``jobs.pipeline`` (what ``ray job submit`` runs): the same
+    ``--set`` overrides reach the training config."""
+    import jobs.pipeline
+    import jobs.train
+
+    seen = []
+
+    def capture(cfg, **kwargs):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(jobs.train, "fit", capture)
+    monkeypatch.setattr(jobs.pipeline, "run_pipeline", lambda cfg, log: capture(cfg.train))
+    base = ["--catalog", "c.parquet", "--workdir", "w", "--set", "optim.lr=1e-3"]
+    for job in (jobs.train, jobs.pipeline):
+        with pytest.raises(SystemExit):
+            job.main(job.parse_args([*base, "--set", "run.workers=3"]))
+    assert [(c.optim.lr, c.run.workers) for c in seen] == [(0.001, 3), (0.001, 3)]
+    with pytest.raises(ValueError, match="--set optim.lrr: no key 'lrr' in optim"):
+        jobs.train.main(jobs.train.parse_args([*base, "--set", "optim.lrr=1"]))
