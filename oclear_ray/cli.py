@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,7 +36,7 @@ from rich.text import Text
 app = typer.Typer(
     help="Image-to-multi-modal retrieval on Ray.", no_args_is_help=True, add_completion=False
 )
-console = Console(stderr=True)  # progress, messages and errors
+console = Console(stderr=True, soft_wrap=True)  # progress, messages and errors
 out = Console()  # results: tables
 
 RayAddress = Annotated[
@@ -62,6 +63,10 @@ def main(
     ctx.obj = {"verbose": verbose}
 
 
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def _verbose() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and (ctx.find_root().obj or {}).get("verbose"))
@@ -78,6 +83,7 @@ def command(name: str | None = None):
             where = kwargs.get("workdir") or kwargs.get("out_dir")
             log_file = os.path.join(log_dir(str(where) if where else None), f"{run_name}.log")
             terminals = nullcontext((out.file, console.file))
+            ray_before = _ray_running()
             with terminals if _verbose() else quiet_output(log_file) as streams, _on(*streams):
                 try:
                     return fn(**kwargs)
@@ -85,6 +91,9 @@ def command(name: str | None = None):
                     raise
                 except Exception as exc:
                     raise typer.Exit(_fail(exc, log_file)) from exc
+                finally:
+                    if not ray_before and _ray_running():  # its goodbyes into the log too
+                        sys.modules["ray"].shutdown()
 
         run_name = name or fn.__name__
         return app.command(name=name)(run)
