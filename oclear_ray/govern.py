@@ -239,9 +239,8 @@ def impute_missing(block: np.ndarray, other: np.ndarray) -> np.ndarray:
     import faiss
 
     have = np.flatnonzero(~missing)
-    index = faiss.IndexFlatIP(other.shape[1])
-    index.add(np.ascontiguousarray(other[have]))
-    _, nearest = index.search(np.ascontiguousarray(other[missing]), 1)
+    xq, xb = (np.ascontiguousarray(other[m], np.float32) for m in (missing, have))
+    _, nearest = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
     out = block.copy()
     out[missing] = block[have[nearest[:, 0]]]
     return out
@@ -254,9 +253,8 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-NN of every row among the others (FAISS): ``(S, I)`` [N, k], -1 padded."""
     import faiss
 
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, ids = index.search(x, min(k + 1, len(x)))
+    x = np.ascontiguousarray(x, np.float32)
+    sims, ids = faiss.knn(x, x, min(k + 1, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
     keep = ids != np.arange(len(x))[:, None]
     out_s = np.full((len(x), k), -np.inf, np.float32)
     out_i = np.full((len(x), k), -1, np.int64)
@@ -267,20 +265,16 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def union_find(n: int, pairs) -> np.ndarray:
-    """Connected components of ``n`` nodes under ``pairs``: component id per node, 0..C-1."""
-    parent = np.arange(n)
+    """Connected components of ``n`` nodes under ``pairs``: component id per node, 0..C-1,
+    numbered in order of each component's first node (scipy's csgraph)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = root(int(a)), root(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.unique([root(a) for a in range(n)], return_inverse=True)[1]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    edges = np.asarray(list(pairs), np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 def components(sims: np.ndarray, ids: np.ndarray, link: float) -> np.ndarray:
