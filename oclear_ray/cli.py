@@ -679,7 +679,7 @@ class StageLines:
     on the terminal when done; train's line shows step / total, stage, loss, samples/s."""
 
     def __init__(self, totals: dict | None = None):
-        self.totals, self.tasks, self.last = dict(totals or {}), {}, {}
+        self.totals, self.tasks, self.last, self.counts = dict(totals or {}), {}, {}, {}
         self.bar = Progress(
             TextColumn("[bold]{task.description}[/bold]: {task.fields[status]:<7}"),
             BarColumn(bar_width=24),
@@ -715,7 +715,8 @@ class StageLines:
                 self.bar.update(task, completed=self._steps(done), info=self._train_info(done))
             else:
                 rows[0] += done
-                self.bar.update(task, info=f"{rows[0]} {UNITS.get(stage, 'rows')}")
+                self.counts[stage] = f"{rows[0]} {UNITS.get(stage, 'rows')}"
+                self.bar.update(task, info=self.counts[stage])
 
         return tick
 
@@ -733,6 +734,8 @@ class StageLines:
             self.start(stage)
         task = self.tasks[stage]
         total = self.bar.tasks[task].total or 1
+        if stage != "train" and stage in self.counts:  # train's count is in its headline
+            info = f"{self.counts[stage]}, {info}"
         self.bar.update(task, total=total, completed=total, status=status, info=info)
         self.bar.stop_task(task)
 

@@ -155,3 +155,35 @@ def test_the_jobs_take_set_too(monkeypatch):
     assert [(c.optim.lr, c.run.workers) for c in seen] == [(0.001, 3), (0.001, 3)]
     with pytest.raises(ValueError, match="--set optim.lrr: no key 'lrr' in optim"):
         jobs.train.main(jobs.train.parse_args([*base, "--set", "optim.lrr=1"]))
+
+
+def test_stage_lines_show_each_stage_its_counts_and_headline():
+    """What ``pipeline`` and ``demo`` draw from ``run_pipeline``'s events: one line a stage."""
+    import io
+
+    stream = io.StringIO()
+    cli.console.width = 120
+    with cli._on(stream, stream), cli.StageLines({"train": 10}) as lines:
+        lines.log("govern", "running", {})
+        tick = lines.callback("govern")
+        tick(40), tick(20)
+        lines.log("govern", "done", {"choice": {"apply": True}, "version": "v"})
+        lines.log("train", "running", {})
+        report = lines.callback("train")
+        report({"step": 5, "stage": "align", "loss": 2.5, "samples_per_s": 80.0})
+        assert lines.bar.tasks[lines.tasks["train"]].completed == 5
+        report({"step": 10, "stage": "fuse", "loss": 1.25, "samples_per_s": 90.0})
+        lines.log("train", "done", {"steps": 10, "model_version": "m"})
+        lines.log("embed", "current", {"embedded": 60, "version": "m"})
+    cli.console.width = None  # back to the terminal's
+    shown = [line.split() for line in stream.getvalue().splitlines() if line.strip()]
+    by_stage = {words[0]: " ".join(words[1:]) for words in shown}
+    assert by_stage["govern:"].startswith("done")
+    assert "60 documents, class map applied" in by_stage["govern:"]
+    assert "10 steps, loss 1.250" in by_stage["train:"]
+    assert (
+        by_stage["embed:"].startswith("current") and "60 documents embedded" in by_stage["embed:"]
+    )
+    assert cli.headline("evaluate", {"recall@1": 0.5, "recall@10": 0.75, "n_queries": 8}) == (
+        "R@1 0.500, R@10 0.750 (8 queries)"
+    )
