@@ -132,13 +132,7 @@ def train(args, precision: str, catalog: Catalog, device: torch.device):
     torch.manual_seed(args.seed)
     model = RetrievalModel(cfg.model).to(device)
     head = ShardedMarginSoftmax(
-        ClassifierConfig(
-            num_classes=args.classes,
-            dim=cfg.model.embed_dim,
-            s=32.0,
-            m=0.2,
-            sample_rate=cfg.head.sample_rate,
-        ),
+        ClassifierConfig.of(cfg.head, num_classes=args.classes, dim=cfg.model.embed_dim),
         world_size=dist.get_world_size(),
     ).to(device)
     policy = mixed_precision_policy(cfg, device)

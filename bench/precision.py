@@ -126,7 +126,7 @@ def profile(args) -> dict:
         torch.manual_seed(0)
         model = RetrievalModel(cfg.model)
         head = ShardedMarginSoftmax(
-            ClassifierConfig(num_classes=2000, dim=cfg.model.embed_dim, s=32.0, m=0.2)
+            ClassifierConfig.of(cfg.head, num_classes=2000, dim=cfg.model.embed_dim)
         )
         batch = _fixed_batch(cfg)
         for _ in range(3):

@@ -3,7 +3,7 @@
 Each rank owns a contiguous slice of the class centres (DTensor ``Shard(0)`` layout, see
 ``parallel.shard_range``). A step all-gathers the embeddings and labels of the whole batch,
 computes cosine logits against the local centres, puts a margin on the positive logit
-(CosFace ``cos - m`` or ArcFace ``cos(theta + m)``), scales them by ``s`` and forms the softmax
+(CosFace ``cos - m`` or ArcFace ``cos(theta + m)``), scales them by ``scale`` and forms the softmax
 across ranks from an all-reduce of the row maxima and one of the row sums. The loss is the mean
 cross-entropy over the labelled rows of the global batch, the same value on every rank.
 Optionally each rank keeps only a random subset of its negative centres per step (Partial FC).
@@ -14,58 +14,43 @@ with their labels. All communication goes through ``oclear_ray.parallel``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from oclear_ray import parallel
+from oclear_ray.config import MarginConfig
 
-MARGINS = ("cosface", "arcface")
-DEFAULT_M = {"cosface": 0.35, "arcface": 0.5}
 # ArcFace's d cos(theta + m) / d cos grows like 1 / sin(theta); cap it where sin(theta) < 1e-3.
 _MIN_SIN_SQUARED = 1e-6
 
 
 @dataclass(kw_only=True)
-class ClassifierConfig:
-    """Classifier head settings; ``m=None`` means 0.35 for CosFace, 0.5 (radians) for ArcFace.
-
-    ``sample_rate`` is the fraction of each rank's centres used per training step (all the
-    positives of the batch are always kept); 1.0 uses every centre.
-    """
+class ClassifierConfig(MarginConfig):
+    """A classifier: its margin softmax (``config.MarginConfig``, the same settings and
+    defaults as a training config's ``head``) and its size."""
 
     num_classes: int
     dim: int
-    margin: str = "cosface"
-    m: float | None = None
-    s: float = 64.0
-    sample_rate: float = 1.0
+    where: ClassVar[str] = "ClassifierConfig"
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ClassifierConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.margin not in MARGINS:
-            raise ValueError(
-                f"ClassifierConfig.margin must be one of {MARGINS}, got {self.margin!r}"
-            )
-        if self.m is None:
-            self.m = DEFAULT_M[self.margin]
-        top = math.pi / 2 if self.margin == "arcface" else 1.0
-        if not 0.0 <= self.m < top:
-            raise ValueError(
-                f"ClassifierConfig.m must be in [0, {top:g}) for {self.margin}, got {self.m!r}"
-            )
-        if not self.s > 0:
-            raise ValueError(f"ClassifierConfig.s must be > 0, got {self.s!r}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(
-                f"ClassifierConfig.sample_rate must be in (0, 1], got {self.sample_rate!r}"
-            )
+        super().__post_init__()
+
+    @classmethod
+    def of(cls, head: MarginConfig, *, num_classes: int, dim: int) -> ClassifierConfig:
+        """A training config's ``head`` for ``num_classes`` centres of ``dim``."""
+        margin = {f.name: getattr(head, f.name) for f in dataclasses.fields(MarginConfig)}
+        return cls(**margin, num_classes=num_classes, dim=dim)
 
 
 class ShardedMarginSoftmax(nn.Module):
@@ -220,19 +205,19 @@ class _MarginCrossEntropy(torch.autograd.Function):
         is the local column of each row's class, -1 if the class lives on another rank."""
         inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
         unit_weight = weight * inv_norm[:, None]
-        logits = (emb * config.s) @ unit_weight.T
+        logits = (emb * config.scale) @ unit_weight.T
         rows = torch.nonzero(targets >= 0).squeeze(1)
         cols = targets[rows]
-        phi, dphi = _margin((logits[rows, cols] / config.s).clamp(-1.0, 1.0), config)
-        logits[rows, cols] = phi * config.s
+        phi, dphi = _margin((logits[rows, cols] / config.scale).clamp(-1.0, 1.0), config)
+        logits[rows, cols] = phi * config.scale
         row_max = parallel.all_reduce_max_(_row_max(logits), group)
         exps = logits.sub_(row_max[:, None]).exp_()
         sums = logits.new_zeros(2, logits.shape[0])  # sum of exps, positive logit - row max
         sums[0] = exps.sum(dim=1)
-        sums[1, rows] = phi * config.s - row_max[rows]
+        sums[1, rows] = phi * config.scale - row_max[rows]
         parallel.all_reduce_sum_(sums, group)
         ctx.save_for_backward(emb, unit_weight, inv_norm, exps, sums[0], rows, cols, dphi)
-        ctx.scale = config.s / max(logits.shape[0], 1)
+        ctx.scale = config.scale / max(logits.shape[0], 1)
         ctx.spent = False
         return (sums[0].log() - sums[1]).sum() / max(logits.shape[0], 1)
 

@@ -17,31 +17,55 @@ import yaml
 from oclear_ray.model import ModelConfig
 
 MARGINS = ("cosface", "arcface")
+DEFAULT_M = {"cosface": 0.2, "arcface": 0.5}  # the CPU recipe's CosFace m; ArcFace's paper value
 DOC_QUERY_VIEWS = ("photo", "outline")
 
 
 @dataclass(kw_only=True)
-class HeadConfig:
-    """The sharded margin-softmax classifier (its class count comes from the class map)."""
+class MarginConfig:
+    """The margin softmax (``oclear_ray.classifier``): CosFace ``cos - m`` or ArcFace
+    ``cos(theta + m)`` on the positive logit, logits times ``scale``; ``m=None`` takes the
+    margin's ``DEFAULT_M``. ``sample_rate`` is the share of each rank's centres used per step
+    (Partial FC; the batch's positives are always kept); 1.0 uses every centre."""
 
     margin: str = "cosface"
-    m: float = 0.2
+    m: float | None = None
     scale: float = 32.0
     sample_rate: float = 1.0
+    where: typing.ClassVar[str] = "head"  # how errors name the section
+
+    def __post_init__(self):
+        if self.margin not in MARGINS:
+            raise ValueError(f"{self.where}.margin must be one of {MARGINS}, got {self.margin!r}")
+        if self.m is None:
+            self.m = DEFAULT_M[self.margin]
+        top = math.pi / 2 if self.margin == "arcface" else 1.0
+        if not 0.0 <= self.m < top:
+            raise ValueError(
+                f"{self.where}.m must be in [0, {top:g}) for {self.margin}, got {self.m!r}"
+            )
+        if not self.scale > 0:
+            raise ValueError(f"{self.where}.scale must be > 0, got {self.scale!r}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(
+                f"{self.where}.sample_rate must be in (0, 1], got {self.sample_rate!r}"
+            )
+
+
+@dataclass(kw_only=True)
+class HeadConfig(MarginConfig):
+    """The sharded margin-softmax classifier of a training run (its class count comes from
+    the class map) and how the fuse stage weighs its text rows."""
+
     #: None: one softmax over every row of a fuse step (image-only documents, query photos, fused
     #: documents, text queries). A number w: the image rows' loss plus w times the text rows' loss,
     #: so adding the text rows does not dilute the query photos' share of the gradient
     text_weight: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.text_weight is not None and self.text_weight < 0:
             raise ValueError(f"head.text_weight must be >= 0 or null, got {self.text_weight}")
-        if self.margin not in MARGINS:
-            raise ValueError(f"head.margin must be one of {MARGINS}, got {self.margin!r}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.scale <= 0:
-            raise ValueError(f"head.scale must be > 0, got {self.scale}")
 
 
 @dataclass(kw_only=True)

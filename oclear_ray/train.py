@@ -186,14 +186,7 @@ def _save(step: int, progress: float, model, optim, head, head_optim, metrics: d
 def _build(cfg: TrainConfig, num_classes: int, device):
     torch.manual_seed(cfg.run.seed)  # identical full parameters on every rank before sharding
     model = RetrievalModel(cfg.model).to(device)
-    head_cfg = ClassifierConfig(
-        num_classes=num_classes,
-        dim=cfg.model.embed_dim,
-        margin=cfg.head.margin,
-        m=cfg.head.m,
-        s=cfg.head.scale,
-        sample_rate=cfg.head.sample_rate,
-    )
+    head_cfg = ClassifierConfig.of(cfg.head, num_classes=num_classes, dim=cfg.model.embed_dim)
     head = ShardedMarginSoftmax(head_cfg).to(device)
     if cfg.run.fsdp and head.world_size > 1:
         policy = mixed_precision_policy(cfg, device)

@@ -22,6 +22,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from oclear_ray import parallel
 from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
+from oclear_ray.config import HeadConfig
 
 DIM = 16
 # name -> (world size, num classes, local batch sizes, margin, sample rate)
@@ -81,7 +82,7 @@ def reference(case: dict, columns: torch.Tensor | None = None) -> dict:
         phi = torch.where(pos > -math.cos(cfg.m), torch.cos(theta + cfg.m), linear)
     else:
         phi = pos - cfg.m
-    logits = cos.scatter(1, y[:, None], phi[:, None]) * cfg.s
+    logits = cos.scatter(1, y[:, None], phi[:, None]) * cfg.scale
     loss = F.cross_entropy(logits, y) if y.numel() else cos.sum() * 0.0
     loss.backward()
     return dict(loss=loss.detach(), emb_grad=emb.grad, weight_grad=weight.grad)
@@ -241,8 +242,14 @@ def test_shard_range_rejects(args, message):
 
 
 def test_config_defaults():
-    assert ClassifierConfig(num_classes=3, dim=2).m == 0.35
+    default = ClassifierConfig(num_classes=3, dim=2)
+    assert (default.m, default.scale) == (0.2, 32.0)
     assert ClassifierConfig(num_classes=3, dim=2, margin="arcface").m == 0.5
+    # one set of settings and defaults: a training config's head is a classifier's margin
+    head = HeadConfig(margin="arcface", sample_rate=0.1)
+    made = ClassifierConfig.of(head, num_classes=3, dim=2)
+    assert (made.margin, made.m, made.scale, made.sample_rate) == ("arcface", 0.5, 32.0, 0.1)
+    assert ClassifierConfig.of(HeadConfig(), num_classes=3, dim=2) == default
 
 
 @pytest.mark.parametrize(
@@ -253,7 +260,7 @@ def test_config_defaults():
         (dict(margin="sphereface"), r"margin must be one of .* got 'sphereface'"),
         (dict(margin="arcface", m=2.0), r"m must be in \[0, 1.5708\) for arcface, got 2.0"),
         (dict(m=-0.1), r"m must be in \[0, 1\) for cosface, got -0.1"),
-        (dict(s=0.0), r"s must be > 0, got 0.0"),
+        (dict(scale=0.0), r"ClassifierConfig.scale must be > 0, got 0.0"),
         (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\], got 0.0"),
         (dict(sample_rate=1.5), r"sample_rate must be in \(0, 1\], got 1.5"),
     ],

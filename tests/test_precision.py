@@ -65,7 +65,7 @@ def compare_precisions(rank: int = 0, world: int = 1) -> dict:
     """Loss and gradients of one fuse step in fp32 and in bf16 on this rank's fixed batch."""
     torch.manual_seed(0)
     model = RetrievalModel(config("fp32").model)
-    head = ShardedMarginSoftmax(ClassifierConfig(num_classes=CLASSES, dim=32, s=32.0, m=0.2))
+    head = ShardedMarginSoftmax(ClassifierConfig(num_classes=CLASSES, dim=32, scale=32.0, m=0.2))
     if world > 1:
         parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",))
     batch, device = fixed_batch(rank), torch.device("cpu")
