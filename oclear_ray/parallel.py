@@ -93,9 +93,7 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
-        rank = dist.get_rank(group)
-        ctx.rows = (sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        ctx.group = group
+        ctx.sizes, ctx.rank, ctx.group = sizes, dist.get_rank(group), group
         longest = max(sizes)
         padded = tensor.contiguous()
         if tensor.shape[0] < longest:
@@ -110,9 +108,16 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = all_reduce_sum_(grad.clone(memory_format=torch.contiguous_format), ctx.group)
-        start, stop = ctx.rows
-        return grad[start:stop], None
+        """Each rank's rows of the gradient summed over ranks: one reduce-scatter of the
+        gradient laid out as the forward's padded gather (not an all-reduce of all of it)."""
+        sizes, longest = ctx.sizes, max(ctx.sizes)
+        parts = grad.split(sizes)
+        padded = torch.cat(
+            [torch.cat([p, p.new_zeros(longest - len(p), *p.shape[1:])]) for p in parts]
+        )
+        out = grad.new_empty(longest, *grad.shape[1:])
+        dist.reduce_scatter_single(out, padded.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return out[: sizes[ctx.rank]], None
 
 
 def _gather_sizes(rows: int, device: torch.device, group: ProcessGroup) -> list[int]:
