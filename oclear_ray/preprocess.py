@@ -128,12 +128,13 @@ def decode_image(data: ImageInput, cfg: PreprocessConfig) -> np.ndarray:
     return fit_image(to_rgb(_open(data)), cfg)
 
 
-def normalize_array(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with the config's mean/std."""
-    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
-    out = (pixels.astype(np.float32) - mean) * inv_std
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+def normalize(pixels, cfg: PreprocessConfig, device=None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (array or tensor) -> float32 [B, 3, H, W] on ``device``, normalised
+    with the config's mean and std: the one place training, serving and export do it."""
+    pixels = torch.as_tensor(pixels, device=device)
+    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    return ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
 
 
 def images_to_tensor(images: Sequence[ImageInput], cfg: PreprocessConfig) -> torch.Tensor:
@@ -147,4 +148,4 @@ def images_to_tensor(images: Sequence[ImageInput], cfg: PreprocessConfig) -> tor
             pixels[i] = decode_image(data, cfg)
         except ValueError as exc:
             raise ValueError(f"image {i} of {len(images)}: {exc}") from exc
-    return torch.from_numpy(normalize_array(pixels, cfg))
+    return normalize(pixels, cfg)

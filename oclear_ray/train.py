@@ -24,6 +24,7 @@ from oclear_ray import parallel
 from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
 from oclear_ray.config import TrainConfig
 from oclear_ray.model import RetrievalModel
+from oclear_ray.preprocess import normalize
 
 LOG = "[oclear train]"
 
@@ -41,13 +42,6 @@ class Batch:
     doc_labels: torch.Tensor
     query_images: torch.Tensor
     query_labels: torch.Tensor
-
-
-def _normalise(images: torch.Tensor, pre, device) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> float [B, 3, S, S] with the model's mean and std."""
-    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-    return (images.to(device).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
 def _forever(shard, batch_size: int, name: str, device):
@@ -83,11 +77,11 @@ def _make_batch(docs: dict, queries: dict | None, pre, device) -> Batch:
     # nothing (masked out everywhere) and cost the text tower most of its time
     width = max(1, int(docs["attention_mask"].sum(1).max()))
     return Batch(
-        doc_images=_normalise(docs["image"], pre, device),
+        doc_images=normalize(docs["image"], pre, device),
         doc_ids=docs["input_ids"][:, :width].to(device),
         doc_mask=docs["attention_mask"][:, :width].to(device),
         doc_labels=docs["label"].to(device),
-        query_images=_normalise(torch.cat(q_images), pre, device),
+        query_images=normalize(torch.cat(q_images), pre, device),
         query_labels=torch.cat(q_labels).to(device),
     )
 
