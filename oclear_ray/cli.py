@@ -267,7 +267,8 @@ def govern(
     """Organise the classes: skew and sampling, noisy labels, merges and splits -> class map
     and report.html, a page to review the decisions by (then rerun with --review)."""
     from oclear_ray import storage
-    from oclear_ray.govern import GovernConfig, load_class_map, score_against_truth
+    from oclear_ray.classmap import load_class_map
+    from oclear_ray.govern import GovernConfig, score_against_truth
     from oclear_ray.govern import govern as run_govern
     from oclear_ray.review import load_review
 
@@ -671,7 +672,13 @@ class _Eta(ProgressColumn):
 
 
 #: what each stage counts (train counts steps, reported by rank 0)
-UNITS = {"govern": "documents", "train": "rows read", "embed": "documents", "evaluate": "queries"}
+UNITS = {
+    "govern": "documents",
+    "train": "rows read",
+    "embed": "documents",
+    "index": "shard tasks",
+    "evaluate": "queries",
+}
 
 
 class StageLines:

@@ -317,7 +317,9 @@ def rows_of(index, catalog: Catalog, I: np.ndarray) -> np.ndarray:
     return np.where(known, row_of_doc[pos], -1)
 
 
-def _read_queries(queries: str, workdir: str, model_dir: str, config: EvalConfig, format):
+def _read_queries(
+    queries: str, workdir: str, model_dir: str, config: EvalConfig, format, progress=None
+):
     """Validate (bad rows to ``WORKDIR/quarantine/``), clean and embed the queries: the table
     of labelled query embeddings sorted by id, the validation report, unlabelled rows."""
     from oclear_ray.contract import QUERIES
@@ -331,7 +333,12 @@ def _read_queries(queries: str, workdir: str, model_dir: str, config: EvalConfig
     ds = clean(read(queries, QUERIES, format=format), QUERIES, report)
     rate = min(1.0, 4 * config.grid_queries / report.good)
     rows = embed_queries(ds, model_dir, config.pool, thumb_rate=rate)
-    table = pa.concat_tables(list(rows.iter_batches(batch_format="pyarrow", batch_size=None)))
+    batches = []
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+        batches.append(batch)
+        if progress is not None:
+            progress(batch.num_rows)
+    table = pa.concat_tables(batches)
     labelled = pc.fill_null(pc.not_equal(table.column("label"), ""), False)
     return (
         table.filter(labelled).sort_by("query_id"),
@@ -457,12 +464,14 @@ def evaluate(
     format: str | None = None,
     catalog: str | None = None,
     image_only_docs: bool = False,
+    progress=None,
 ) -> dict:
     """Evaluate retrieval of ``queries`` (labelled; ``format`` is theirs) against
     ``WORKDIR/index``; write ``WORKDIR/eval/report.json`` and ``report.html``; return the report.
 
     ``catalog`` (default: the one ``WORKDIR/embed`` was made from) gives the document
-    thumbnails and, with ``image_only_docs``, the fusion ablation.
+    thumbnails and, with ``image_only_docs``, the fusion ablation. ``progress(rows)`` is told
+    the queries embedded.
     """
     import time
 
@@ -481,7 +490,9 @@ def evaluate(
         raise ValueError("the fusion ablation needs the catalog: pass catalog=")
     report = provenance(workdir, queries, model_dir, catalog, config, docs, index)
     t = _timed(clock, "load_s", start)
-    table, validation, unlabelled = _read_queries(queries, workdir, model_dir, config, format)
+    table, validation, unlabelled = _read_queries(
+        queries, workdir, model_dir, config, format, progress
+    )
     t = _timed(clock, "embed_queries_s", t)
     xq, labels = normalize(vectors_of(table)), table.column("label").to_pylist()
     ann = rows_of(index, docs, index.search(xq, config.depth)[1])

@@ -299,8 +299,9 @@ def _pad(D: np.ndarray, I: np.ndarray, k: int):
     return D, np.hstack([I, np.full((len(I), extra), -1, np.int64)])
 
 
-def ray_map(fn, jobs: list[dict], *, num_cpus: float = 1) -> list:
-    """Run ``fn(**job)`` for every job as Ray tasks; large arrays are put in the store once."""
+def ray_map(fn, jobs: list[dict], *, num_cpus: float = 1, progress=None) -> list:
+    """Run ``fn(**job)`` for every job as Ray tasks; large arrays are put in the store once.
+    ``progress(1)`` is called as each job finishes."""
     import ray
 
     remote = ray.remote(num_cpus=num_cpus)(fn)
@@ -311,7 +312,12 @@ def ray_map(fn, jobs: list[dict], *, num_cpus: float = 1) -> list:
             return refs.setdefault(id(value), ray.put(value))
         return value
 
-    return ray.get([remote.remote(**{k: put(v) for k, v in job.items()}) for job in jobs])
+    tasks = [remote.remote(**{k: put(v) for k, v in job.items()}) for job in jobs]
+    pending = list(tasks)
+    while progress is not None and pending:
+        done, pending = ray.wait(pending)
+        progress(len(done))
+    return ray.get(tasks)
 
 
 def local_map(fn, jobs: list[dict]) -> list:
@@ -712,12 +718,16 @@ def sync_index(
     rebuild: bool = False,
     delete=(),
     map_fn=None,
+    progress=None,
 ) -> SyncResult:
     """Make ``WORKDIR/index`` follow ``WORKDIR/embed`` (after deleting ``delete`` doc_ids from
-    the embeddings): build, update in place, or rebuild; the manifest is written last."""
+    the embeddings): build, update in place, or rebuild; the manifest is written last.
+    ``progress(1)`` is called as each shard task finishes."""
     config = config or IndexConfig()
     workdir = storage.absolute(workdir)  # Ray tasks do not run in this directory
-    map_fn = map_fn or functools.partial(ray_map, num_cpus=config.threads_per_shard)
+    map_fn = map_fn or functools.partial(
+        ray_map, num_cpus=config.threads_per_shard, progress=progress
+    )
     embed_dir, index_dir = storage.join(workdir, "embed"), storage.join(workdir, "index")
     removed = remove_embeddings(embed_dir, delete) if delete else 0
     summary, manifest = read_summary(embed_dir), _current(index_dir)

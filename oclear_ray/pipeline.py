@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oclear_ray import storage
+from oclear_ray.classmap import RAW_LABELS
 from oclear_ray.config import TrainConfig
 from oclear_ray.embed import EmbedConfig
 from oclear_ray.evaluate import EvalConfig
-from oclear_ray.govern import RAW_LABELS, GovernConfig
+from oclear_ray.govern import GovernConfig
 from oclear_ray.index import IndexConfig
 
 STAGES = ("govern", "train", "embed", "index", "evaluate")
@@ -138,7 +139,8 @@ def run_pipeline(
 
     ``log(stage, status, info)`` is told when a stage is skipped, starts and ends;
     ``progress(stage)``, when given, makes the callback a running stage is told its rows done
-    by (govern, train, embed) and, for train, rank 0's Ray Train reports (a dict).
+    by (govern, train, embed, evaluate; index: its shard tasks) and, for train, rank 0's Ray
+    Train reports (a dict).
     """
     from oclear_ray.embed import embed_catalog
     from oclear_ray.evaluate import evaluate
@@ -210,7 +212,7 @@ def run_pipeline(
     results["embed"] = _run_stage(cfg, "embed", inputs, embed_summary, run_embed, log)
 
     def run_index() -> dict:
-        r = sync_index(w, cfg.index)
+        r = sync_index(w, cfg.index, progress=tick("index"))
         return {"version": r.manifest["version"], "action": r.action, "count": r.manifest["count"]}
 
     inputs = {"embed": results["embed"].key, "config": _asdict(cfg.index)}
@@ -226,6 +228,7 @@ def run_pipeline(
                 config=cfg.eval,
                 catalog=cfg.catalog,
                 image_only_docs=cfg.fusion_ablation,
+                progress=tick("evaluate"),
             )
             out = {k: report[k] for k in ("recall@1", "recall@10", "map@r", "n_queries")}
             if "fusion_ablation" in report:
@@ -255,7 +258,7 @@ def choose_class_map(cfg: PipelineConfig, workdir: str, class_map_path: str) -> 
     sampling weights alone are not worth a probe) and the probe trained on it scores a higher
     validation R@1 than the one trained on the raw labels; a tie keeps the raw labels.
     """
-    from oclear_ray.govern import load_class_map
+    from oclear_ray.classmap import load_class_map
 
     if cfg.govern_mode != "auto":
         return {"mode": cfg.govern_mode, "apply": cfg.govern_mode == "apply"}
@@ -316,7 +319,6 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
     import pyarrow.compute as pc
 
     from oclear_ray.contract import CATALOG, QUERIES
-    from oclear_ray.govern import RAW_LABELS
     from oclear_ray.train import fit
 
     probe_dir = storage.join(workdir, "govern", "probe")
