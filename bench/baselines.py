@@ -157,8 +157,13 @@ def train_bare(
             augment=cfg.data.augment,
             doc_as_query_rate=cfg.data.doc_as_query_rate,
             view=cfg.data.doc_query_view,
+            strength=cfg.data.augment_strength,
         )
-        q = augment_queries(_draw(qs, cfg.data.query_batch_size, rng), augment=cfg.data.augment)
+        q = augment_queries(
+            _draw(qs, cfg.data.query_batch_size, rng),
+            augment=cfg.data.augment,
+            strength=cfg.data.augment_strength,
+        )
         torch_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
         q_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in q.items()}
         batch = _make_batch(torch_batch, q_batch, pre, device)

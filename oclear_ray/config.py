@@ -77,6 +77,8 @@ class DataConfig:
     #: per-epoch views: a mild crop of documents, photo-like views of queries (off by default:
     #: on openmoji-dev it did not pay within a CPU budget)
     augment: bool = False
+    #: how strong those views are (torchvision ranges and probabilities scaled; 1 the default)
+    augment_strength: float = 1.0
     #: keep decoded images in the Ray object store between epochs (turn off for catalogs
     #: larger than the object store: they then stream from storage every epoch)
     cache: bool = True
@@ -94,6 +96,10 @@ class DataConfig:
         for name in ("batch_size", "query_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.augment_strength <= 2.0:
+            raise ValueError(
+                f"data.augment_strength must be in [0, 2], got {self.augment_strength}"
+            )
         if not 0.0 <= self.doc_as_query_rate <= 1.0:
             raise ValueError(
                 f"data.doc_as_query_rate must be in [0, 1], got {self.doc_as_query_rate}"

@@ -1,52 +1,52 @@
 """Ray Data ingest for training: decode, resize, augment and tokenise outside the trainers.
 
 ``PrepareBatches`` decodes and tokenises once (it loads the tokenizer once per actor);
-``augment_docs`` / ``augment_queries`` draw new views every epoch. ``photo_view``
-turns a clean catalog image into something like a user's photo of it (crop, rotation, colour,
-blur, grey, occlusion), ``outline_view`` into a line drawing of it; either trains the query
-tower on every class that has documents, also on classes no query was ever taken of.
+``augment_docs`` / ``augment_queries`` draw new views every epoch. ``photo_view`` (torchvision
+``transforms.v2``) turns a clean catalog image into something like a user's photo of it (crop,
+rotation, colour, grey or edges, blur), ``outline_view`` into a line drawing of it; either
+trains the query tower on every class that has documents, also on classes no query was ever
+taken of.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import v2
 
 from oclear_ray.preprocess import PreprocessConfig, decode_image
 from oclear_ray.text import TextTokenizer
 
 
-def _crop(img: Image.Image, rng: np.random.Generator, scale: tuple[float, float]) -> Image.Image:
-    w, h = img.size
-    s = np.sqrt(rng.uniform(*scale))
-    cw, ch = max(4, int(w * s)), max(4, int(h * s))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
+def _edges(img: Image.Image) -> Image.Image:
+    """An outline drawing of a photo: its strong edges, dark on white."""
+    edges = ImageOps.grayscale(img).filter(ImageFilter.FIND_EDGES)
+    return ImageOps.invert(ImageOps.autocontrast(edges)).convert("RGB")
 
 
-def light_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def light_view(size, strength: float = 1.0) -> v2.Transform:
     """A catalog shot, slightly moved: a mild crop."""
-    return _crop(img, rng, (0.8, 1.0))
+    return v2.RandomResizedCrop(size, scale=(1.0 - 0.2 * strength, 1.0), ratio=(1.0, 1.0))
 
 
-def photo_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A user-photo-like view: crop, rotation, lighting and colour, blur, grey or edges."""
-    img = _crop(img, rng, (0.55, 1.0))
-    fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-    img = img.rotate(float(rng.uniform(-20, 20)), Image.Resampling.BILINEAR, fillcolor=fill)
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.4)))
-    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.6, 1.4)))
-    img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.0, 1.6)))
-    u = rng.random()
-    if u < 0.2:
-        img = ImageOps.grayscale(img).convert("RGB")
-    elif u < 0.35:  # outline drawing: strong edges on white
-        edges = ImageOps.grayscale(img).filter(ImageFilter.FIND_EDGES)
-        img = ImageOps.invert(ImageOps.autocontrast(edges)).convert("RGB")
-    if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
-    return img
+def photo_view(size, strength: float = 1.0) -> v2.Transform:
+    """A user-photo-like view (torchvision): crop, rotation, lighting and colour, grey or
+    edges, blur; ``strength`` scales every range and probability (1 the default, 0 none)."""
+    s = strength
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(1.0 - 0.45 * s, 1.0), ratio=(1.0, 1.0)),
+            v2.RandomRotation(20.0 * s, interpolation=v2.InterpolationMode.BILINEAR, fill=255),
+            v2.ColorJitter(
+                brightness=0.4 * s, contrast=0.4 * s, saturation=(max(0.0, 1 - s), 1 + 0.6 * s)
+            ),
+            v2.RandomGrayscale(0.2 * s),
+            v2.RandomApply([v2.Lambda(_edges)], p=min(1.0, 0.15 * s)),
+            v2.RandomApply([v2.GaussianBlur(3, sigma=(0.3, 1.2))], p=min(1.0, 0.3 * s)),
+        ]
+    )
 
 
 def outline_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -56,10 +56,8 @@ def outline_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     ink = Image.fromarray(((grey < float(rng.uniform(40, 80))) * 255).astype(np.uint8))
     if rng.random() < 0.7:
         ink = ink.filter(ImageFilter.MaxFilter(3))
-    return _crop(ImageOps.invert(ink).convert("RGB"), rng, (0.85, 1.0))
-
-
-DOC_QUERY_VIEWS = {"photo": photo_view, "outline": outline_view}
+    crop = v2.RandomResizedCrop(img.size[::-1], scale=(0.85, 1.0), ratio=(1.0, 1.0))
+    return crop(ImageOps.invert(ink).convert("RGB"))
 
 
 class PrepareBatches:
@@ -92,32 +90,48 @@ class PrepareBatches:
         }
 
 
-def _views(pixels: np.ndarray, make_view, rng: np.random.Generator) -> np.ndarray:
-    out = [np.asarray(make_view(Image.fromarray(p), rng), dtype=np.uint8) for p in pixels]
+def _seeded() -> np.random.Generator:
+    """A fresh generator, and torch's (torchvision's draws) seeded from it: every Ray Data
+    worker process would otherwise start torch from the same seed."""
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(2**62)))
+    return rng
+
+
+def _views(pixels: np.ndarray, make_view) -> np.ndarray:
+    out = [np.asarray(make_view(Image.fromarray(p)), dtype=np.uint8) for p in pixels]
     return np.stack(out) if out else pixels
 
 
 def augment_docs(
-    batch: dict, *, augment: bool, doc_as_query_rate: float, view: str = "photo"
+    batch: dict,
+    *,
+    augment: bool,
+    doc_as_query_rate: float,
+    view: str = "photo",
+    strength: float = 1.0,
 ) -> dict:
     """Per-epoch document views, plus query-like views (``view``: "photo" or "outline") of a
     share of them as extra query samples (``query_image`` where ``has_query_image``)."""
-    rng = np.random.default_rng()
+    rng = _seeded()
     pixels = batch["image"]
+    size = pixels.shape[1:3]
     if augment:
-        batch["image"] = _views(pixels, light_view, rng)
+        batch["image"] = _views(pixels, light_view(size, strength))
     use = rng.random(len(pixels)) < doc_as_query_rate
     query = np.zeros_like(pixels)
     if use.any():
-        query[use] = _views(pixels[use], DOC_QUERY_VIEWS[view], rng)
+        make = photo_view(size, strength) if view == "photo" else (lambda i: outline_view(i, rng))
+        query[use] = _views(pixels[use], make)
     batch["query_image"], batch["has_query_image"] = query, use
     return batch
 
 
-def augment_queries(batch: dict, *, augment: bool) -> dict:
+def augment_queries(batch: dict, *, augment: bool, strength: float = 1.0) -> dict:
     """Per-epoch photo views of the query images."""
     if augment:
-        batch["image"] = _views(batch["image"], photo_view, np.random.default_rng())
+        _seeded()
+        batch["image"] = _views(batch["image"], photo_view(batch["image"].shape[1:3], strength))
     return batch
 
 

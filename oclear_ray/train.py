@@ -436,7 +436,7 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         kwargs = {"doc_as_query_rate": cfg.data.doc_as_query_rate, "view": cfg.data.doc_query_view}
     else:
         fn, kwargs = augment_queries, {}
-    kwargs["augment"] = cfg.data.augment
+    kwargs.update(augment=cfg.data.augment, strength=cfg.data.augment_strength)
     return prepared.randomize_block_order().map_batches(
         fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=128, num_cpus=0.5
     )

@@ -229,3 +229,18 @@ def _first_image(data):
     path = data / "first.png"
     path.write_bytes(row["image"])
     return path
+
+
+def test_photo_views_are_torchvision_draws_of_the_strength_asked():
+    """strength 0 keeps the image; a full-strength view changes it, differently per call (the
+    draws are seeded per batch, not repeated in every worker process)."""
+    from oclear_ray.ingest import augment_queries
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    same = augment_queries({"image": img.copy()}, augment=True, strength=0.0)["image"]
+    np.testing.assert_array_equal(same, img)
+    a = augment_queries({"image": img.copy()}, augment=True, strength=1.0)["image"]
+    b = augment_queries({"image": img.copy()}, augment=True, strength=1.0)["image"]
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert not np.array_equal(a, img) and not np.array_equal(a, b)
