@@ -3,9 +3,10 @@
 ``WORKDIR/embed/part-NNNNN.parquet`` hold ``doc_id``, ``vector`` (fixed-size list of float32),
 ``model_version`` and the document metadata search returns (``image_path``, ``text``,
 ``category``, ``label`` and extra columns; no image bytes). Each part is written under a
-temporary name and renamed, so a part that exists is complete. A rerun (after a kill, or with a
-catalog holding new documents) embeds only the ids no part holds yet, after deleting the parts
-of any other model version. ``embed.json`` is written last: the embeddings are complete.
+temporary name and moved into place, so a part that exists is complete. A rerun (after a kill,
+a storage outage, or with a catalog holding new documents) embeds only the ids no part holds yet,
+after deleting the parts of any other model version. ``embed.json`` is written last: the
+embeddings are complete, and it names the parts readers use (:func:`summary_parts`).
 
 ``EmbedConfig(image_only=True)`` embeds documents from their image alone (the fusion ablation):
 such embeddings carry the version ``<model_version>+image-only``, so they never mix with fused
@@ -16,7 +17,6 @@ the plain model refuses it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,7 +133,7 @@ def list_parts(embed_dir: str) -> list[str]:
     return [
         p
         for p in storage.list_files(embed_dir, (".parquet",))
-        if os.path.basename(p).startswith("part-")
+        if storage.basename(p).startswith("part-")
     ]
 
 
@@ -178,7 +178,7 @@ def prepare_parts(embed_dir: str, model_version: str) -> tuple[pa.Array, int]:
     if storage.exists(summary):
         delete_path(summary)
     done = read_parts(kept, ["doc_id"]).column("doc_id") if kept else pa.array([], pa.string())
-    numbers = [int(os.path.basename(p)[5:10]) for p in parts]
+    numbers = [int(storage.basename(p)[5:10]) for p in parts]
     return pa.chunked_array(done).combine_chunks(), max(numbers, default=-1) + 1
 
 
@@ -201,11 +201,19 @@ def read_summary(embed_dir: str) -> dict:
     summary = json.loads(storage.read_bytes(path))
     if summary.get("format") != FORMAT:
         raise ValueError(f"{path}: format {summary.get('format')!r} is not {FORMAT!r}")
+    if "files" not in summary:
+        raise ValueError(f"{path} names no parts (an older version wrote it): rerun the embedding")
     return summary
 
 
+def summary_parts(embed_dir: str, summary: dict) -> list[str]:
+    """The parts ``embed.json`` names, in order: readers use these, never a listing."""
+    return [storage.join(embed_dir, name) for name in summary["files"]]
+
+
 def write_summary(embed_dir: str, model_version: str, dim: int, extra: dict) -> dict:
-    """Count the parts and write ``embed.json`` (last): the embeddings are complete."""
+    """Count the parts and write ``embed.json`` (last), naming them: the embeddings are
+    complete."""
     parts = list_parts(embed_dir)
     rows = sum(_num_rows(p) for p in parts)
     summary = {
@@ -215,6 +223,7 @@ def write_summary(embed_dir: str, model_version: str, dim: int, extra: dict) -> 
         "dim": dim,
         "rows": rows,
         "parts": len(parts),
+        "files": [storage.basename(p) for p in parts],
     }
     text = json.dumps(summary, indent=2, sort_keys=True)
     storage.write_bytes(storage.join(embed_dir, SUMMARY_FILE), text.encode())
@@ -268,7 +277,7 @@ def encoder_pool(ds, encoder_cls, model_dir: str, config: EmbedConfig, **kwargs)
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.actors),
         fn_constructor_kwargs={
-            "model_dir": os.path.abspath(model_dir),
+            "model_dir": storage.absolute(model_dir),
             "threads": config.threads,
             "device": device,
             **kwargs,
@@ -297,7 +306,7 @@ def _pending(catalog: str, workdir: str, out: str, version: str, format: str | N
     from oclear_ray.contract import CATALOG
     from oclear_ray.read import clean, read, validate
 
-    stem = os.path.basename(str(catalog).rstrip("/")).split(".")[0] or "catalog"
+    stem = storage.basename(catalog).split(".")[0] or "catalog"
     quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
     report = validate(read(catalog, CATALOG, format=format), CATALOG, quarantine)
     done, number = prepare_parts(out, version)
@@ -364,7 +373,7 @@ def remove_embeddings(embed_dir: str, doc_ids) -> int:
     summary = read_summary(embed_dir)
     value_set = pa.array(sorted(set(doc_ids)), pa.string())
     removed = 0
-    for path in list_parts(embed_dir):
+    for path in summary_parts(embed_dir, summary):
         fs, p = storage.resolve(path)
         table = pq.read_table(p, filesystem=fs)
         hit = pc.is_in(table.column("doc_id"), value_set=value_set)

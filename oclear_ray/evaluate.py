@@ -272,11 +272,12 @@ class Catalog:
 
     @classmethod
     def load(cls, embed_dir: str) -> Catalog:
-        from oclear_ray.embed import list_parts, read_parts, read_summary, vectors_of
+        from oclear_ray.embed import read_parts, read_summary, summary_parts, vectors_of
         from oclear_ray.search import normalize
 
         summary = read_summary(embed_dir)
-        table = read_parts(list_parts(embed_dir), ["doc_id", "vector", "label", "category"])
+        columns = ["doc_id", "vector", "label", "category"]
+        table = read_parts(summary_parts(embed_dir, summary), columns)
         return cls(
             doc_ids=np.asarray(table.column("doc_id").to_pylist(), dtype=object),
             labels=np.asarray(table.column("label").to_pylist(), dtype=object),

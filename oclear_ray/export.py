@@ -9,8 +9,10 @@ Layout of an export directory (``train/model/``)::
 
 Each weights file is self-contained (shared weights are duplicated), so a serving replica loads
 only the query encoder and an embedding actor only the document encoder. Files are written to a
-temporary name and renamed, ``config.json`` last; ``model_version`` is the first 16 hex digits of
-a sha256 over the config and the file digests, and loading refuses files that do not match it.
+temporary name and renamed, ``config.json`` last (training publishes a local export to the work
+directory the same way: ``storage.publish_dir``); ``model_version`` is the first 16 hex digits of
+a sha256 over the config and the file digests, and loading (from a path or a URI) reads only the
+files config.json names and refuses any that does not match it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from tokenizers import Tokenizer
 
 from oclear_ray.model import ModelConfig, RetrievalModel
 from oclear_ray.preprocess import ImageInput, PreprocessConfig, images_to_tensor
@@ -138,12 +141,25 @@ def export_model(model: RetrievalModel, tokenizer: TextTokenizer, out_dir: str |
     return manifest["model_version"]
 
 
+def _read(model_dir: str | Path, name: str) -> bytes:
+    """A file of an export, local or a URI on shared storage (storage, i.e. pyarrow, imported
+    only then: the GPU check runs without it)."""
+    if "://" in str(model_dir):
+        from oclear_ray import storage
+
+        return storage.read_bytes(storage.join(str(model_dir), name))
+    return (Path(model_dir) / name).read_bytes()
+
+
 def read_manifest(model_dir: str | Path) -> dict:
     """config.json of an export, checked: known format and a model_version that matches it."""
-    path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported model at {model_dir}: {CONFIG_FILE} is missing")
-    manifest = json.loads(path.read_text())
+    path = f"{str(model_dir).rstrip('/')}/{CONFIG_FILE}"
+    try:
+        manifest = json.loads(_read(model_dir, CONFIG_FILE))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"no exported model at {model_dir}: {CONFIG_FILE} is missing"
+        ) from exc
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     if manifest.get("model_version") != _version(manifest):
@@ -213,23 +229,24 @@ def _float(out: torch.Tensor | tuple) -> torch.Tensor | tuple:
 
 
 def _load(model_dir: str | Path, part: str) -> ExportedEncoder:
-    """Rebuild one encoder from config.json and its weights file, checking both digests."""
-    root, manifest = Path(model_dir), read_manifest(model_dir)
-    files = manifest["files"]
-    state = safetensors.torch.load_file(root / PART_FILES[part])
-    if tensors_digest(state) != files[PART_FILES[part]]:
+    """Rebuild one encoder from config.json and the files it names, checking their digests."""
+    manifest = read_manifest(model_dir)
+    files, name = manifest["files"], PART_FILES[part]
+    state = safetensors.torch.load(_read(model_dir, name))
+    if tensors_digest(state) != files[name]:
         raise ValueError(
-            f"{root / PART_FILES[part]} does not match {CONFIG_FILE} "
+            f"{model_dir}/{name} does not match {CONFIG_FILE} "
             f"(model_version {manifest['model_version']}): mixed or partial export"
         )
-    if _file_sha256(root / TOKENIZER_FILE) != files[TOKENIZER_FILE]:
-        raise ValueError(f"{root / TOKENIZER_FILE} does not match {CONFIG_FILE}")
+    tokenizer = _read(model_dir, TOKENIZER_FILE)
+    if hashlib.sha256(tokenizer).hexdigest() != files[TOKENIZER_FILE]:
+        raise ValueError(f"{model_dir}/{TOKENIZER_FILE} does not match {CONFIG_FILE}")
     config = ModelConfig.from_dict(manifest["model"])
     model = RetrievalModel(config, parts=(part,))
     model.load_state_dict(state, strict=True)
     return ExportedEncoder(
         model=model.eval(),
-        tokenizer=TextTokenizer.from_file(root / TOKENIZER_FILE),
+        tokenizer=TextTokenizer(Tokenizer.from_str(tokenizer.decode())),
         preprocess=config.preprocess,
         model_version=manifest["model_version"],
     )

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from oclear_ray import storage
-from oclear_ray.embed import list_parts, read_summary, remove_embeddings, vectors_of
+from oclear_ray.embed import read_summary, remove_embeddings, summary_parts, vectors_of
 from oclear_ray.search import (
     FORMAT,
     MANIFEST_FILE,
@@ -373,7 +373,7 @@ def write_documents(path: str, parts: list[str], schema: pa.Schema, shard_of: np
         sink.write(_conform(_with_ids(table, ids, shard_of[ids]), schema))
         offset += table.num_rows
     sink.close()
-    return {"file": os.path.basename(path), "rows": offset, "sha256": file_sha256(path)}
+    return {"file": storage.basename(path), "rows": offset, "sha256": file_sha256(path)}
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -411,7 +411,8 @@ def _placement(index, trained, parts, ranges, *, shards: int, map_fn, threads: i
 def build(index_dir: str, embed_dir: str, config: IndexConfig, *, version: int, map_fn) -> dict:
     """A new index from all embeddings: train once here, place rows on shards, build the shards
     through ``map_fn``, tune the search parameters; returns the manifest (not written yet)."""
-    summary, paths = read_summary(embed_dir), list_parts(embed_dir)
+    summary = read_summary(embed_dir)
+    paths = summary_parts(embed_dir, summary)
     parts = list(zip(paths, _part_rows(paths), strict=True))
     n, d, shards = sum(c for _, c in parts), int(summary["dim"]), config.shards or 1
     if n < shards:
@@ -620,7 +621,7 @@ def _append_documents(index_dir, manifest, new, ids, shards, version: int) -> di
     table = pa.concat_tables([_conform(old, schema), _conform(added, schema)])
     path = storage.join(index_dir, _file("documents", version))
     storage.write_parquet(path, [table], schema)
-    return {"file": os.path.basename(path), "rows": table.num_rows, "sha256": file_sha256(path)}
+    return {"file": storage.basename(path), "rows": table.num_rows, "sha256": file_sha256(path)}
 
 
 def write_manifest(index_dir: str, manifest: dict) -> None:
@@ -629,7 +630,7 @@ def write_manifest(index_dir: str, manifest: dict) -> None:
     storage.write_bytes(storage.join(index_dir, MANIFEST_FILE), text.encode())
     keep = {manifest["documents"]["file"], *(e["file"] for e in manifest["shards"])}
     for path in storage.list_files(index_dir, (".faiss", ".parquet")):
-        name = os.path.basename(path)
+        name = storage.basename(path)
         if name not in keep and name.startswith(("shard-", "documents.")):
             fs, p = storage.resolve(path)
             fs.delete_file(p)
@@ -734,7 +735,7 @@ def sync_index(
     version = manifest["version"] + 1 if manifest else 1
     reason = _rebuild_reason(manifest, summary, config, rebuild)
     if reason is None:
-        new, gone = changes(index_dir, manifest, list_parts(embed_dir))
+        new, gone = changes(index_dir, manifest, summary_parts(embed_dir, summary))
         if not new.num_rows and not gone.num_rows:
             return SyncResult("unchanged", "index follows the embeddings", 0, 0, manifest)
         reason = _threshold_reason(manifest, new.num_rows + gone.num_rows, config)

@@ -47,7 +47,11 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
-        """Load a ``tokenizer.json``."""
+        """Load a ``tokenizer.json``, a local path or a URI on shared storage."""
+        if "://" in str(path):  # storage (pyarrow) only when used: gpu_check runs without it
+            from oclear_ray import storage
+
+            return cls(Tokenizer.from_str(storage.read_bytes(str(path)).decode()))
         return cls(Tokenizer.from_file(str(path)))
 
     @classmethod

@@ -22,8 +22,21 @@ def jpeg_bytes(color=(30, 200, 30), size=(16, 16)) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray for every end-to-end test (4 logical CPUs so trainers leave room for Data)."""
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1 for the session, its endpoint and
+    credentials in the environment (before Ray starts, so that Ray's workers inherit them)."""
+    from tests.s3_server import S3Server
+
+    server = S3Server()
+    server.export_env()
+    yield server.start()
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_server):
+    """One local Ray for every end-to-end test (4 logical CPUs so trainers leave room for Data),
+    started with the S3 server's variables in its environment."""
     import ray
 
     from oclear_ray.runtime import init_ray

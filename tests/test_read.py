@@ -182,14 +182,3 @@ def test_clean_keeps_exactly_the_rows_validate_kept(ray_cluster, tmp_path):
     rows = clean(read(str(tmp_path / "c.parquet"), CATALOG), CATALOG, report).take_all()
     assert sorted((r["doc_id"], r["price"]) for r in rows) == [("a", 0), ("b", 1), ("d", 5)]
     assert "reason" not in rows[0] and "row_hash" not in rows[0]
-
-
-def test_uris(ray_cluster, tmp_path):
-    """``file://`` URIs stand in for any pyarrow/fsspec filesystem (s3://, gs://)."""
-    (tmp_path / "a.png").write_bytes(png_bytes())
-    t = pa.table({"doc_id": ["u1", "u2"], "image_path": [f"file://{tmp_path}/a.png", "a.png"]})
-    (tmp_path / "d").mkdir()
-    pq.write_table(t, tmp_path / "d" / "part.parquet")
-    report = validate_source(f"file://{tmp_path}/d", workdir=f"file://{tmp_path}/w")
-    assert (report.good, list(report.reasons)) == (1, ["unreadable image_path"])
-    assert pq.read_table(tmp_path / "w" / "quarantine" / "d.parquet").num_rows == 1
