@@ -22,6 +22,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -125,7 +126,8 @@ def _fail(exc: BaseException, log_file: str) -> int:
     user = isinstance(cause, ValueError | FileNotFoundError | VersionMismatch)
     lines = str(cause).strip().splitlines() or [""]
     what = lines[0] if user else f"{type(cause).__name__}: {lines[0]}".rstrip(": ")
-    console.print(f"[red]error:[/red] {what} (log: {log_file})", soft_wrap=True, highlight=False)
+    message = escape(f"{what} (log: {log_file})")  # a message's brackets are not markup
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return 2 if user else 1
 
 

@@ -49,12 +49,19 @@ def test_a_config_error_is_one_line_and_exit_2(tmp_path, command, extra, message
     assert "Traceback (most recent call last)" in log.read_text()
 
 
-def test_a_bad_yaml_value_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("optim: {lr: fast}", "error: optim.lr must be float, got 'fast'"),
+        ("run: {'[bold]x': 1}", "error: unknown key(s) ['[bold]x'] in run"),  # not markup
+    ],
+)
+def test_a_bad_yaml_value_is_named(tmp_path, yaml_text, message):
     config = tmp_path / "c.yaml"
-    config.write_text("optim: {lr: fast}\n")
+    config.write_text(yaml_text + "\n")
     result = run([*TRAIN, str(tmp_path / "w"), "--config", str(config)])
     assert result.exit_code == 2
-    assert error_lines(result.output)[0].startswith("error: optim.lr must be float, got 'fast'")
+    assert error_lines(result.output)[0].startswith(message), result.output
 
 
 def test_a_failed_training_is_one_line_naming_the_worker_error(tmp_path, monkeypatch):
