@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import traceback
@@ -153,7 +154,7 @@ def root_cause(exc: BaseException) -> BaseException:
 def _init_ray(address: str | None = None):
     from oclear_ray.runtime import init_ray
 
-    return init_ray(address, quiet=not _verbose())
+    return init_ray(address, quiet=not _verbose(), logging_level=logging.INFO)
 
 
 @contextmanager

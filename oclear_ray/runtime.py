@@ -17,15 +17,22 @@ import threading
 from contextlib import contextmanager
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True):
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    quiet: bool = True,
+    logging_level: int = logging.WARNING,
+):
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start an embedded Ray.
 
     Under ``ray job submit`` the driver already runs on the cluster and ``RAY_ADDRESS`` is set.
     ``num_cpus`` declares logical CPUs for an embedded Ray (ignored when joining a cluster);
     by default at least 4, so that a trainer's workers and its Ray Data pipeline fit side by
     side on a small machine (threads per worker are set explicitly, not from the CPU count).
-    ``quiet``: workers' output is not forwarded to the driver and Ray Data draws no progress
-    bars (the command draws its own).
+    ``quiet``: workers' output is not forwarded to the driver, Ray Data draws no progress
+    bars (the command draws its own) and the driver's ``ray`` loggers log at ``logging_level``
+    (the CLI, which sends them to its log file, takes INFO).
     """
     import ray
     from ray.data import DataContext
@@ -36,7 +43,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     embedded = {"num_cpus": num_cpus or max(4, os.cpu_count() or 1)}
     kwargs = {"address": address} if address else embedded
     if quiet:
-        kwargs.update(log_to_driver=False, include_dashboard=False)
+        kwargs.update(log_to_driver=False, include_dashboard=False, logging_level=logging_level)
+        logging.getLogger("ray.data").setLevel(logging_level)  # it has handlers of its own
         DataContext.get_current().enable_progress_bars = False
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
     logging.getLogger(__name__).info("Ray's own logs: %s", ray_logs_dir())
