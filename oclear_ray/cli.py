@@ -44,6 +44,13 @@ out = Console()  # results: tables
 RayAddress = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address; default: embedded Ray.")
 ]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else WORKDIR/mlflow.",
+    ),
+]
 Sets = Annotated[
     list[str] | None,
     typer.Option(
@@ -311,10 +318,12 @@ def train(
     max_minutes: float | None = typer.Option(None, help="Stop cleanly after this long."),
     use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
     set_: Sets = None,
+    tracking_uri: TrackingUri = None,
     address: RayAddress = None,
 ):
     """Train the encoders (FSDP2) and the sharded classifier on Ray Train, then export them."""
     from oclear_ray.config import train_config
+    from oclear_ray.tracking import tracking_for
     from oclear_ray.train import fit
 
     cfg = train_config(
@@ -332,6 +341,7 @@ def train(
             class_map=class_map,
             progress=tick,
             on_report=tick,
+            tracking=tracking_for(workdir, tracking_uri),
         )
         lines.finish("train", f"{result.steps} steps")
     console.print(f"model: {result.model_dir} ({result.num_classes} classes)")
@@ -434,12 +444,14 @@ def eval_(
     cpus_per_actor: float = typer.Option(0.5, help="Ray CPUs per actor (may be fractional)."),
     threads_per_actor: int = typer.Option(2, help="Torch threads per actor."),
     grid_queries: int = typer.Option(24, help="Queries shown with their top documents."),
+    tracking_uri: TrackingUri = None,
     address: RayAddress = None,
 ):
     """Embed labelled queries, search the index; write WORKDIR/eval/report.json and .html."""
     from oclear_ray import storage
     from oclear_ray.embed import EmbedConfig
     from oclear_ray.evaluate import EvalConfig, evaluate
+    from oclear_ray.tracking import tracking_for
 
     pool = EmbedConfig(
         actors=actors, cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor
@@ -454,6 +466,7 @@ def eval_(
             format=format,
             catalog=catalog,
             image_only_docs=image_only_docs,
+            tracking=tracking_for(workdir, tracking_uri),
         )
     table = Table(title=f"{report['n_queries']} queries, {report['n_documents']} documents")
     for column in ("search", "recall@1", "recall@5", "recall@10", "map@r", "ndcg@10"):
@@ -546,11 +559,13 @@ def pipeline(
         False, "--fusion-ablation", help="Also evaluate image-only document embeddings."
     ),
     set_: Sets = None,
+    tracking_uri: TrackingUri = None,
     address: RayAddress = None,
 ):
     """govern -> train -> embed -> index -> evaluate, skipping every stage that is current."""
     from oclear_ray.config import train_config
     from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig
+    from oclear_ray.tracking import tracking_for
 
     if govern not in GOVERN_MODES:
         raise ValueError(f"--govern must be one of {GOVERN_MODES}, got {govern!r}")
@@ -569,6 +584,7 @@ def pipeline(
         ),
         fusion_ablation=fusion_ablation,
         govern_mode=govern,
+        tracking=tracking_for(workdir, tracking_uri),
     )
     _init_ray(address)
     _run_stages(cfg)
@@ -587,6 +603,7 @@ def demo(
     port: int = typer.Option(8000, help="HTTP port of the search page."),
     once: bool = typer.Option(False, "--once", help="Stop after the first search answers."),
     set_: Sets = None,
+    tracking_uri: TrackingUri = None,
 ):
     """Synthesize a small catalog, run the whole pipeline on it (evaluated on new photos of
     catalog products, and on products never photographed), serve the search page and search it
@@ -594,6 +611,7 @@ def demo(
     from oclear_ray import demo as steps_of
     from oclear_ray.config import train_config
     from oclear_ray.pipeline import PipelineConfig
+    from oclear_ray.tracking import tracking_for
 
     with console.status("demo: drawing the synthetic catalog"):
         data = steps_of.ensure_data(
@@ -608,6 +626,7 @@ def demo(
         # its catalog has planted label noise that governance is measured to fix
         # (bench/governance.py); a probe would double the demo's training time
         govern_mode="apply",
+        tracking=tracking_for(workdir, tracking_uri),
     )
     _init_ray()
     results = _run_stages(cfg)

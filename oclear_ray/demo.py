@@ -17,23 +17,58 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from oclear_ray.synth import SynthConfig, generate
+from oclear_ray.synth import SynthConfig, generate, more_photos
+
+#: the held-out-class evaluation's report, in the work directory (the pipeline's is eval/)
+HELD_OUT_DIR = "eval-held-out"
 
 
-def ensure_data(workdir: str, *, docs: int, classes: int, seed: int = 0) -> dict:
-    """WORKDIR/data/{catalog,queries,eval_queries}.parquet, drawn unless drawn already with
-    the same settings (``synth.json`` records them)."""
+def ensure_data(
+    workdir: str, *, docs: int, classes: int, queries_per_class: int = 2, seed: int = 0
+) -> dict:
+    """WORKDIR/data/{catalog,queries,eval_queries,new_photos}.parquet, truth.json and
+    new_photos.json (query_id -> product), drawn unless drawn already with the same settings
+    (``synth.json`` records them).
+
+    ``new_photos`` are fresh photos of the products that have training photos (as many per
+    product as it has training photos): a user photographing a catalog product. ``eval_queries``
+    are photos of products never seen in a photo (held-out classes)."""
     out = os.path.join(workdir, "data")
-    config = SynthConfig(docs=docs, classes=classes, noise=0.1, seed=seed)
+    config = SynthConfig(
+        docs=docs, classes=classes, queries_per_class=queries_per_class, noise=0.1, seed=seed
+    )
     record = os.path.join(out, "synth.json")
     wanted = json.dumps(dataclasses.asdict(config), sort_keys=True)
-    paths = {name: os.path.join(out, f"{name}.parquet") for name in ("catalog", "queries")}
-    paths["eval_queries"] = os.path.join(out, "eval_queries.parquet")
+    names = ("catalog", "queries", "eval_queries", "new_photos")
+    paths = {name: os.path.join(out, f"{name}.parquet") for name in names}
+    paths["truth"] = os.path.join(out, "truth.json")
+    paths["new_photos_products"] = os.path.join(out, "new_photos.json")
     have = os.path.exists(record) and Path(record).read_text() == wanted
     if not (have and all(os.path.exists(p) for p in paths.values())):
         generate(out, config)
+        truth = json.loads(Path(paths["truth"]).read_text())
+        trained = pq.read_table(paths["queries"], columns=["query_id"]).column(0).to_pylist()
+        products = sorted({truth["query_product"][q] for q in trained})
+        shown = more_photos(paths["new_photos"], config, products, per_product=queries_per_class)
+        Path(paths["new_photos_products"]).write_text(json.dumps(shown))
         Path(record).write_text(wanted)
     return paths
+
+
+def evaluate_held_out(cfg, queries: str) -> dict:
+    """The pipeline's model and index (``cfg``: its ``PipelineConfig``) evaluated on photos
+    of products that had no training photo; report in WORKDIR/eval-held-out, tracked like the
+    pipeline's evaluation."""
+    from oclear_ray.evaluate import evaluate
+
+    return evaluate(
+        cfg.workdir,
+        queries,
+        config=cfg.eval,
+        catalog=cfg.catalog,
+        report_dir=os.path.join(cfg.workdir, HELD_OUT_DIR),
+        tracking=cfg.tracking,
+    )
 
 
 def first_query(path: str) -> dict:
@@ -43,6 +78,14 @@ def first_query(path: str) -> dict:
         if row["image"]:
             return row
     raise ValueError(f"{path} has no query with an image")
+
+
+def shows_product(paths: dict, query_id: str, hit: dict) -> bool:
+    """Whether ``hit`` is a document of the product that new photo ``query_id`` shows (by the
+    synthetic truth: a document's label can be wrong, its product cannot)."""
+    truth = json.loads(Path(paths["truth"]).read_text())
+    photographed = json.loads(Path(paths["new_photos_products"]).read_text())[query_id]
+    return truth["doc_product"][hit["doc_id"]] == photographed
 
 
 def _request(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:

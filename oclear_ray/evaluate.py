@@ -465,10 +465,14 @@ def evaluate(
     format: str | None = None,
     catalog: str | None = None,
     image_only_docs: bool = False,
+    report_dir: str | None = None,
+    tracking=None,
     progress=None,
 ) -> dict:
     """Evaluate retrieval of ``queries`` (labelled; ``format`` is theirs) against
     ``WORKDIR/index``; write ``WORKDIR/eval/report.json`` and ``report.html``; return the report.
+    ``report_dir`` moves the report (default ``WORKDIR/eval``: what the pipeline stamps). With
+    ``tracking`` (``tracking.Tracking``) the evaluation is also an MLflow run.
 
     ``catalog`` (default: the one ``WORKDIR/embed`` was made from) gives the document
     thumbnails and, with ``image_only_docs``, the fusion ablation. ``progress(rows)`` is told
@@ -478,6 +482,7 @@ def evaluate(
 
     from oclear_ray.embed import vectors_of
     from oclear_ray.search import SearchIndex, normalize
+    from oclear_ray.tracking import record_evaluation
 
     config = config or EvalConfig()
     workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory
@@ -511,7 +516,9 @@ def evaluate(
     grid = query_grid(table, docs, ann, rel, config, validation.good, catalog)
     _timed(clock, "grid_s", t)
     report["timing_s"] = {**clock, "total_s": round(time.perf_counter() - start, 3)}
-    write_report(storage.join(workdir, "eval"), report, grid)
+    report_dir = report_dir or storage.join(workdir, "eval")
+    write_report(report_dir, report, grid)
+    record_evaluation(tracking, report, report_dir)
     return report
 
 

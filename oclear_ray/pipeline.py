@@ -53,6 +53,9 @@ class PipelineConfig:
     govern_mode: str = "auto"
     probe_steps: int = 150
     probe_share: float = 0.2
+    #: where the training and evaluation runs are recorded (``tracking.Tracking``); in no
+    #: stage's key
+    tracking: object | None = None
 
     def __post_init__(self):
         if self.govern_mode not in GOVERN_MODES:
@@ -192,6 +195,7 @@ def run_pipeline(
             name=f"train-{key_of(train_inputs)}",
             progress=tick("train"),
             on_report=tick("train"),
+            tracking=cfg.tracking,
         )
         return {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
 
@@ -228,6 +232,7 @@ def run_pipeline(
                 config=cfg.eval,
                 catalog=cfg.catalog,
                 image_only_docs=cfg.fusion_ablation,
+                tracking=cfg.tracking,
                 progress=tick("evaluate"),
             )
             out = {k: report[k] for k in ("recall@1", "recall@10", "map@r", "n_queries")}

@@ -2,7 +2,8 @@
 a shard searcher with a category filter, and document thumbnails. No Ray, no HTTP here.
 
 Errors a client caused are ``QueryError`` with the HTTP status they map to (400 not an image or
-truncated, 413 over the byte or pixel limit, 422 bad parameters).
+truncated, 413 over the byte or pixel limit, 415 not a form or JSON, 422 bad parameters, 503
+the index not loaded yet); its ``reason`` names the status in the app's metrics.
 """
 
 # ruff: noqa: E741 -- FAISS naming: D, I are distances and ids
@@ -25,7 +26,7 @@ from PIL import Image
 
 from oclear_ray import storage
 from oclear_ray.contract import Limits
-from oclear_ray.preprocess import PreprocessConfig, fit_image, normalize_array, to_rgb
+from oclear_ray.preprocess import PreprocessConfig, fit_image, normalize, to_rgb
 from oclear_ray.search import (
     load_documents,
     load_shard,
@@ -39,12 +40,27 @@ MAX_TEXT = 1000
 HIT_FIELDS = ("doc_id", "text", "category", "label", "score")
 
 
+#: the reason a refused query is counted under, by its HTTP status
+REASONS = {
+    400: "unreadable",
+    404: "not_found",
+    413: "too_large",
+    415: "unsupported_type",
+    422: "bad_parameters",
+    503: "not_ready",
+}
+
+
 class QueryError(ValueError):
     """A bad request: ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+    @property
+    def reason(self) -> str:
+        return REASONS.get(self.status, str(self.status))
 
 
 class VersionMismatch(RuntimeError):
@@ -180,7 +196,6 @@ def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -
     call; the result keeps the input order. Vectors are float32 (the encoder runs in half
     precision on a GPU: ``export.inference_autocast``).
     """
-    import torch
 
     out: list[np.ndarray | None] = [None] * len(items)
     groups: dict[tuple[bool, bool], list[int]] = {}
@@ -190,7 +205,7 @@ def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -
         images = None
         if has_image:
             stacked = np.stack([items[i][0] for i in rows])
-            images = torch.from_numpy(normalize_array(stacked, encoder.preprocess))
+            images = normalize(stacked, encoder.preprocess)
         texts = [items[i][1] for i in rows] if has_text else None
         vectors = encoder.encode_query(images=images, texts=texts).cpu().numpy()
         for i, vector in zip(rows, vectors, strict=True):

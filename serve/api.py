@@ -2,7 +2,8 @@
 returns a FastAPI app; ``SearchService`` holds the loaded state and answers a query through the
 async function it is given; ``search_batch`` answers a batch of queries with one encoder call and
 one call per shard (through Serve deployment handles in ``serve.app``); ``QueryBatcher`` gathers
-concurrent queries into those batches.
+concurrent queries into those batches. The service tells its ``metrics`` (``serve.app`` gives
+it Ray Serve metrics) each search answered and each search refused.
 
 Every error is JSON ``{"error": message, "status": code}``; no bad request takes the app down.
 """
@@ -156,14 +157,36 @@ class QueryBatcher:
                 future.set_result(answer)
 
 
+class Uncounted:
+    """The metrics of a service nobody collects from (in-process tests, tools)."""
+
+    def answered(self, results: int) -> None:
+        """A search answered with ``results`` hits."""
+
+    def refused(self, reason: str) -> None:
+        """A search refused (``QueryError.reason``)."""
+
+    def serving(self, documents: int) -> None:
+        """The index served holds ``documents`` (told at load and at every health check)."""
+
+
 class SearchService:
     """What the routes need: limits, ``answer`` (a query -> its merged ``(D, I)``), and the
     loaded index state (documents, thumbnails, shard info). Searches answer 503 until
     ``loaded``."""
 
-    def __init__(self, *, limits: Limits, preprocess: PreprocessConfig, answer: Answer, info):
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        preprocess: PreprocessConfig,
+        answer: Answer,
+        info,
+        metrics: Uncounted | None = None,
+    ):
         self.limits, self.preprocess, self.answer = limits, preprocess, answer
         self.info = dict(info)
+        self.metrics = metrics or Uncounted()
         self.state, self.error = "loading", None
         self.documents = self.thumbnails = None
 
@@ -171,6 +194,7 @@ class SearchService:
         self.documents, self.thumbnails = documents, thumbnails
         self.info.update(shards=shards, documents=documents.num_rows)
         self.state = "ready"
+        self.metrics.serving(documents.num_rows)
 
     def failed(self, exc: BaseException) -> None:
         self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -185,6 +209,7 @@ class SearchService:
         start = time.perf_counter()
         D, I = await self.answer(query)
         hits = hits_of(self.documents, D, I, thumbnails=self.thumbnails)
+        self.metrics.answered(len(hits))
         return {
             "model_version": self.info["model_version"],
             "index_version": self.info["index_version"],
@@ -316,8 +341,13 @@ def build_api(service: SearchService) -> FastAPI:
 
     @api.post("/v1/search")
     async def search(request: Request):
-        service.require_ready()
-        return JSONResponse(await service.search(await parse_query(request, service)))
+        try:
+            service.require_ready()
+            query = await parse_query(request, service)
+        except QueryError as exc:
+            service.metrics.refused(exc.reason)
+            raise
+        return JSONResponse(await service.search(query))
 
     @api.get("/v1/thumbnail")
     async def thumbnail(doc_id: str):

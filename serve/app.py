@@ -9,17 +9,24 @@ autoscaling, and one deployment per FAISS shard.
 ``build_app(args)`` is the Serve app builder (``serve run serve.app:build_app workdir=W``,
 ``serve deploy serve/config.yaml``, ``oclear serve --workdir W``). It refuses a model and an
 index of different model versions; each deployment checks again when it loads.
+
+The app's own metrics (``ray.serve.metrics``, exported by Ray's metrics agent to Prometheus as
+``ray_oclear_*``, with Serve's deployment, replica and application tags): encoder batch size
+and latency, shard fan-out search latency, hits per search, refused searches by reason, and the
+documents served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve import metrics
 
 from oclear_ray.contract import Limits
 from oclear_ray.preprocess import PreprocessConfig
@@ -31,7 +38,7 @@ from oclear_ray.serve import (
     embedded_catalog,
     encode_queries,
 )
-from serve.api import Query, QueryBatcher, SearchService, build_api, search_batch
+from serve.api import Query, QueryBatcher, SearchService, Uncounted, build_api, search_batch
 
 log = logging.getLogger("ray.serve")
 
@@ -40,6 +47,44 @@ log = logging.getLogger("ray.serve")
 # throughput-optimized settings (gRPC between replicas, user code on the replica's loop).
 FAST_SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 DEAD_REPLICA = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+#: histogram buckets: milliseconds, and queries per encoder batch
+LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def _latency(name: str, description: str) -> metrics.Histogram:
+    return metrics.Histogram(name, description=description, boundaries=LATENCY_MS)
+
+
+class IngressMetrics(Uncounted):
+    """The ingress's metrics: hits per search (its count: searches answered), searches refused
+    by reason, documents served."""
+
+    def __init__(self):
+        self.results = metrics.Histogram(
+            "oclear_search_results",
+            description="Hits returned per search.",
+            boundaries=[1, 5, 10, 20, 50, 100],
+        )
+        self.refusals = metrics.Counter(
+            "oclear_rejected_uploads",
+            description="Searches refused (bad upload, bad parameters, not ready), by reason.",
+            tag_keys=("reason",),
+        )
+        self.documents = metrics.Gauge(
+            "oclear_index_documents", description="Documents in the served index."
+        )
+
+    def answered(self, results: int) -> None:
+        self.results.observe(results)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.inc(tags={"reason": reason})
+
+    def serving(self, documents: int) -> None:
+        self.documents.set(documents)
 
 
 def count_items(calls: list[list]) -> int:
@@ -174,6 +219,12 @@ class QueryEncoder:
         self.encode.set_max_batch_size(batch["max_batch_size"])
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
+        self.batch_size = metrics.Histogram(
+            "oclear_encode_batch_size",
+            description="Queries per query-encoder batch.",
+            boundaries=BATCH_SIZES,
+        )
+        self.latency = _latency("oclear_encode_latency_ms", "Query-encoder time per batch.")
         # one call before taking traffic: the first forward pass is several times slower
         size = self.encoder.preprocess.image_size
         encode_queries(self.encoder, [(np.full((size, size, 3), 255, np.uint8), "warm up")])
@@ -183,7 +234,10 @@ class QueryEncoder:
         """Each call is a list of ``(pixels or None, text or None)``; returns [n, D] per call."""
         items = [item for call in calls for item in call]
         self.batches = (self.batches + [len(items)])[-1000:]
+        start = time.perf_counter()
         vectors = np.stack(encode_queries(self.encoder, items))
+        self.latency.observe(1000 * (time.perf_counter() - start))
+        self.batch_size.observe(len(items))
         return np.split(vectors, np.cumsum([len(c) for c in calls])[:-1])
 
     def batch_sizes(self) -> list[int]:
@@ -268,6 +322,10 @@ class SearchIngress:
             preprocess=PreprocessConfig(**model["model"]["preprocess"]),
             answer=self.batcher if self.args.max_batch_size > 1 else self.answer_one,
             info=info,
+            metrics=IngressMetrics(),
+        )
+        self.search_latency = _latency(
+            "oclear_search_latency_ms", "Search of every shard and merge, per ingress batch."
         )
         # the constructor runs on the replica's event loop: load there, the file reads in threads
         self.loader = asyncio.get_running_loop().create_task(self._load())
@@ -287,7 +345,10 @@ class SearchIngress:
         return await call(self.encoder.encode, items)
 
     async def search(self, xq: np.ndarray, k: int, category: str | None):
-        return await asyncio.gather(*(call(s.search, xq, k, category) for s in self.shards))
+        start = time.perf_counter()
+        found = await asyncio.gather(*(call(s.search, xq, k, category) for s in self.shards))
+        self.search_latency.observe(1000 * (time.perf_counter() - start))
+        return found
 
     async def _load(self) -> None:
         from oclear_ray.search import load_documents, read_manifest
@@ -317,6 +378,8 @@ class SearchIngress:
     def check_health(self) -> None:
         if self.service.state == "failed":
             raise RuntimeError(self.service.error)
+        if self.service.state == "ready":  # Ray drops a gauge unset for two export intervals
+            self.service.metrics.serving(self.service.info["documents"])
 
 
 def build_app(args: dict):

@@ -82,6 +82,58 @@ def test_demo_runs_every_stage_and_answers_a_search_over_http(demo):
     )
 
 
+def read_json(*parts: str) -> dict:
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(demo):
+    """The pipeline evaluates new photos of catalog products, the held-out-class figure is
+    beside it, the served search is a new photo judged by the product it shows, and the
+    training and both evaluations are MLflow runs in WORKDIR/mlflow."""
+    from mlflow import MlflowClient
+
+    from oclear_ray.tracking import tracking_for
+
+    workdir, _, result = demo
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = os.path.join(workdir, "data")
+    photos = pq.read_table(os.path.join(data, "new_photos.parquet"))
+    held_out = pq.read_metadata(os.path.join(data, "eval_queries.parquet")).num_rows
+    new, held = read_report(workdir), read_report(os.path.join(workdir, "eval-held-out"))
+    assert (new["n_queries"], held["n_queries"]) == (photos.num_rows, held_out)
+    output = " ".join(result.output.split())  # rich may wrap the line
+    assert f"R@1 {new['recall@1']:.3f} on {photos.num_rows} new photos of catalog" in output
+    assert f"R@1 {held['recall@1']:.3f} on {held_out} photos of products never" in output
+
+    truth, shown = read_json(data, "truth.json"), read_json(data, "new_photos.json")
+    trained = pq.read_table(os.path.join(data, "queries.parquet")).column("query_id")
+    assert set(shown.values()) == {truth["query_product"][q] for q in trained.to_pylist()}
+    top = output.split("top hit ")[1].split()[0]
+    photographed = shown[photos.column("query_id")[0].as_py()]
+    verdict = "is" if truth["doc_product"][top] == photographed else "is not"
+    assert f"top hit {top} {verdict} the photographed product" in output
+
+    client = MlflowClient(tracking_for(workdir).uri)
+    experiment = client.get_experiment_by_name("oclear").experiment_id
+    runs = {}
+    for run in client.search_runs([experiment]):
+        runs.setdefault(run.info.run_name, []).append(run)
+    (train,), evaluations = runs["train"], runs["evaluate"]
+    version = read_json(workdir, "train", "model", "config.json")["model_version"]
+    assert train.info.status == "FINISHED" and train.data.tags["model_version"] == version
+    assert train.data.params["config.run.workers"] == "1"
+    assert train.data.params["config.data.batch_size"] == "8"
+    losses = client.get_metric_history(train.info.run_id, "loss")
+    assert [m.step for m in losses] == [4]  # 4 steps (log_every 10): the last one's report
+    recalls = sorted(r.data.metrics["recall_at_1"] for r in evaluations)
+    assert recalls == sorted([new["recall@1"], held["recall@1"]])
+    for run in evaluations:
+        assert run.data.tags["model_version"] == version
+        artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+        assert artifacts == ["report.html", "report.json"]
+
+
 def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
     workdir, config, first = demo
     assert first.exit_code == 0

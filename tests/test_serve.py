@@ -421,6 +421,58 @@ def search_image(client, image: bytes, **fields):
     return client.post("/v1/search", files=files, data={k: str(v) for k, v in fields.items()})
 
 
+def app_metrics() -> dict[str, float]:
+    """The app's metrics (``ray_oclear_*``) scraped from Ray's Prometheus endpoint: sample
+    name (with its ``reason`` or bucket bound ``le``) -> value summed over replicas."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_oclear_"):
+                labels = sample.labels
+                label = labels.get("reason") or ("le" in labels and f"{float(labels['le']):g}")
+                key = sample.name + (f"{{{label}}}" if label else "")
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+@pytest.mark.ray
+def test_served_metrics_reach_prometheus_with_their_values(server, work):
+    """The first searches of the app (so every count starts at zero): four searches one after
+    another (k 5, 5, 5 and 3) and one upload that is not an image; Ray exports its metrics
+    every few seconds, so the scrape is polled. (Ray's histogram ``_sum`` is estimated from
+    bucket midpoints, so the buckets are what is checked.)"""
+    images = [work[1]["image"][row].as_py() for row in (2, 4, 6)]
+    for image in images:
+        assert search_image(server, image, k=5).status_code == 200
+    assert server.post("/v1/search", json={"text": "red mug", "k": 3}).status_code == 200
+    assert search_image(server, b"not an image").status_code == 400
+    expected = {
+        "ray_oclear_search_results_count": 4,
+        "ray_oclear_search_results_bucket{1}": 0,
+        "ray_oclear_search_results_bucket{5}": 4,  # 5, 5, 5 and 3 hits
+        "ray_oclear_encode_batch_size_count": 4,  # one after another: a batch each
+        "ray_oclear_encode_batch_size_bucket{1}": 4,
+        "ray_oclear_encode_latency_ms_count": 4,
+        "ray_oclear_search_latency_ms_count": 4,
+        "ray_oclear_rejected_uploads_total{unreadable}": 1,
+        "ray_oclear_index_documents": work[1].num_rows,
+    }
+    deadline, got = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        got = app_metrics()
+        if all(got.get(k) == v for k, v in expected.items()):
+            break
+        time.sleep(2)
+    assert {k: got.get(k) for k in expected} == expected
+    assert got["ray_oclear_encode_latency_ms_sum"] > 0
+    assert got["ray_oclear_search_latency_ms_sum"] > 0
+
+
 @pytest.mark.ray
 def test_served_search_equals_the_library_search_in_process(server, work):
     workdir, catalog = work
