@@ -131,7 +131,7 @@ def s3_pipeline(ray_cluster, s3_server, tmp_path_factory):
             {"name": "align", "steps": 4, "towers": "image"},
             {"name": "fuse", "steps": 8},
         ],
-        "run": {"workers": 1, "checkpoint_every": 4, "log_every": 4, "max_failures": 1},
+        "run": {"workers": 1, "checkpoint_every": 4, "log_every": 4, "max_failures": 2},
     }
     (local / "tiny.yaml").write_text(yaml.safe_dump(config))
     args = ["pipeline", "--config", str(local / "tiny.yaml"), "--govern", "apply"]

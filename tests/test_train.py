@@ -132,16 +132,25 @@ def small_config(*, workers: int, fuse_steps: int) -> TrainConfig:
 
 
 def _train_worker_pids() -> list[int]:
-    """Processes Ray titles ``ray::RayTrainWorker...`` (Linux /proc)."""
-    pids = []
+    """Processes Ray titles ``ray::RayTrainWorker...`` that this driver's Ray started: children
+    of its raylet (Linux /proc), never those of another Ray on the same machine."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path().encode()
+    raylets, workers = set(), []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::RayTrainWorker"):
-                    pids.append(int(pid))
-        except OSError:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+        if cmdline.startswith(b"ray::RayTrainWorker"):
+            workers.append((int(pid), parent))
+        elif b"/raylet/raylet" in cmdline and session in cmdline:
+            raylets.add(int(pid))
+    return [pid for pid, parent in workers if parent in raylets]
 
 
 def _kill_a_worker_after_a_checkpoint(run_dir, stop: threading.Event, killed: list):
