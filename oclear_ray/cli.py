@@ -125,13 +125,15 @@ def _on(stdout, stderr):
 def _fail(exc: BaseException, log_file: str) -> int:
     """Log the traceback, print one line naming the cause; the exit code (2: bad input or
     config, 1: a failure)."""
-    from oclear_ray.serve import VersionMismatch
-
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     with open(log_file, "a") as f:
         traceback.print_exception(exc, file=f)
     cause = root_cause(exc)
-    user = isinstance(cause, ValueError | FileNotFoundError | VersionMismatch)
+    user_errors = [ValueError, FileNotFoundError]
+    serve = sys.modules.get("oclear_ray.serve")  # not imported: only a loaded one raised it
+    if serve is not None:
+        user_errors.append(serve.VersionMismatch)
+    user = isinstance(cause, tuple(user_errors))
     lines = str(cause).strip().splitlines() or [""]
     what = lines[0] if user else f"{type(cause).__name__}: {lines[0]}".rstrip(": ")
     message = escape(f"{what} (log: {log_file})")  # a message's brackets are not markup

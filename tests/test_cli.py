@@ -5,6 +5,7 @@ output in the log file, not on the terminal)."""
 
 import os
 import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -194,3 +195,18 @@ def test_stage_lines_show_each_stage_its_counts_and_headline():
     assert cli.headline("evaluate", {"recall@1": 0.5, "recall@10": 0.75, "n_queries": 8}) == (
         "R@1 0.500, R@10 0.750 (8 queries)"
     )
+
+
+def test_a_failure_to_import_is_one_line_too(tmp_path, monkeypatch):
+    """The handler itself imports nothing that could fail the same way."""
+    import oclear_ray.train
+
+    def broken(cfg, **kwargs):
+        raise ImportError("cannot import name 'normalize' from 'oclear_ray.preprocess'")
+
+    monkeypatch.setattr(cli, "_init_ray", lambda address=None: None)
+    monkeypatch.setattr(oclear_ray.train, "fit", broken)
+    monkeypatch.setitem(sys.modules, "oclear_ray.serve", None)  # importing it would fail
+    result = run([*TRAIN, str(tmp_path / "w")])
+    assert result.exit_code == 1
+    assert error_lines(result.output)[-1].startswith("error: ImportError: cannot import name")
