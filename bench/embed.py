@@ -33,10 +33,11 @@ import time
 import pyarrow.parquet as pq
 import torch
 
+from oclear_ray.config import ModelConfig, TextEncoderConfig
 from oclear_ray.contract import CATALOG
 from oclear_ray.embed import DocEmbedder, EmbedConfig, embed_catalog, embed_dataset
 from oclear_ray.export import export_model
-from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+from oclear_ray.model import RetrievalModel
 from oclear_ray.read import read
 from oclear_ray.runtime import init_ray
 from oclear_ray.synth import SynthConfig, generate

@@ -83,10 +83,11 @@ def build_workdir(out: str, data: str, docs: int) -> str:
     """A work dir over the first ``docs`` documents with an untrained default model."""
     import torch
 
+    from oclear_ray.config import ModelConfig, TextEncoderConfig
     from oclear_ray.embed import DocEmbedder, part_path, write_part, write_summary
     from oclear_ray.export import export_model
     from oclear_ray.index import IndexConfig, local_map, sync_index
-    from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+    from oclear_ray.model import RetrievalModel
     from oclear_ray.text import train_tokenizer
 
     os.makedirs(out, exist_ok=True)

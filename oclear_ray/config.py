@@ -14,11 +14,149 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from oclear_ray.model import ModelConfig
+from oclear_ray.preprocess import PreprocessConfig
 
 MARGINS = ("cosface", "arcface")
 DEFAULT_M = {"cosface": 0.2, "arcface": 0.5}  # the CPU recipe's CosFace m; ArcFace's paper value
 DOC_QUERY_VIEWS = ("photo", "outline")
+
+
+#: timm's prefixes for backbones named by where their weights are, not by architecture
+WEIGHT_SOURCES = ("hf-hub:", "local-dir:")
+
+
+@dataclass(kw_only=True)
+class ImageEncoderConfig:
+    """A timm backbone: random init, timm's pretrained weights, or a local weights file.
+
+    ``pretrained``: false (random init); true (timm's weights for ``name``, which may carry a
+    tag: ``convnext_atto.d2_in1k``); or the model to create with its weights in place of
+    ``name``: a timm name with its tag, an ``hf-hub:org/repo`` id, or a ``local-dir:/path``
+    folder as ``timm.models.save_for_hf`` writes it. timm downloads hub weights into the
+    Hugging Face cache. ``pretrained_path``: a safetensors or torch weights file for ``name``,
+    loaded by timm (its classifier is dropped).
+    """
+
+    name: str = "convnext_atto"
+    pretrained: bool | str = False
+    pretrained_path: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pretrained, bool | str) or self.pretrained == "":
+            raise ValueError(
+                "image.pretrained must be true, false or a timm model name / hf-hub: / "
+                f"local-dir: id, got {self.pretrained!r}"
+            )
+        if self.pretrained and self.pretrained_path:
+            raise ValueError("image.pretrained and image.pretrained_path exclude each other")
+        import timm  # only to check the name: parsing a config builds no model
+
+        model = self.model_id
+        if not model.startswith(WEIGHT_SOURCES) and not timm.is_model(model):
+            raise ValueError(f"unknown timm model name {model!r}")
+
+    @property
+    def model_id(self) -> str:
+        """What ``timm.create_model`` is given."""
+        return self.pretrained if isinstance(self.pretrained, str) else self.name
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.pretrained or self.pretrained_path)
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    """A BERT-style text tower built from sizes, a full transformers config, or a local folder.
+
+    Precedence: ``pretrained_path`` (a ``save_pretrained`` folder), then ``hf_config`` (a
+    transformers config dict, as written by export), then the size fields (random init).
+    """
+
+    vocab_size: int = 4000
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 64
+    dropout: float = 0.1
+    pretrained_path: str | None = None
+    hf_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"text.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"text.hidden_size {self.hidden_size} is not divisible by "
+                f"text.num_heads {self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"text.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class FusionConfig:
+    """Concept slots reading the text, then the image; plus the per-document modality gate."""
+
+    num_concepts: int = 8
+    dim: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_concepts < 1:
+            raise ValueError(f"fusion.num_concepts must be >= 1, got {self.num_concepts}")
+        if self.dim < 1 or self.num_heads < 1 or self.dim % self.num_heads:
+            raise ValueError(
+                f"fusion.dim {self.dim} must be a positive multiple of "
+                f"fusion.num_heads {self.num_heads}"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"fusion.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"fusion.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The whole model: encoders, fusion, embedding size, and the preprocessing it expects."""
+
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        built_from_sizes = self.text.pretrained_path is None and self.text.hf_config is None
+        if built_from_sizes and self.preprocess.max_text_length > self.text.max_position_embeddings:
+            raise ValueError(
+                f"preprocess.max_text_length {self.preprocess.max_text_length} exceeds "
+                f"text.max_position_embeddings {self.text.max_position_embeddings}"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready nested dict (the inverse of :meth:`from_dict`)."""
+        return {**dataclasses.asdict(self), "preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build from nested plain dicts (JSON/YAML, an export's manifest), each value read as
+        its field's type; unknown keys and wrong types are errors naming them."""
+        return _build(cls, _read(cls, data or {}, "model"))
 
 
 @dataclass(kw_only=True)
@@ -264,9 +402,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        data = _read(cls, data or {}, "")
-        model = ModelConfig.from_dict(data.pop("model", {}))
-        return _build(cls, {**data, "model": model})
+        return _build(cls, _read(cls, data or {}, ""))
 
 
 def _read(cls, data, path: str) -> dict:

@@ -30,7 +30,8 @@ import safetensors.torch
 import torch
 from tokenizers import Tokenizer
 
-from oclear_ray.model import ModelConfig, RetrievalModel
+from oclear_ray.config import ModelConfig
+from oclear_ray.model import RetrievalModel
 from oclear_ray.preprocess import ImageInput, PreprocessConfig, images_to_tensor
 from oclear_ray.text import TextTokenizer
 

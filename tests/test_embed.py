@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from oclear_ray import export
 from oclear_ray.cli import app
+from oclear_ray.config import ModelConfig
 from oclear_ray.embed import (
     DocEmbedder,
     EmbedConfig,
@@ -24,7 +25,7 @@ from oclear_ray.embed import (
 )
 from oclear_ray.export import export_model, inference_autocast, load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
-from oclear_ray.model import ModelConfig, RetrievalModel
+from oclear_ray.model import RetrievalModel
 from oclear_ray.search import SearchIndex
 from oclear_ray.synth import SynthConfig, generate
 from oclear_ray.text import train_tokenizer

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
+from oclear_ray.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
 from oclear_ray.export import (
     CONFIG_FILE,
     PART_FILES,
@@ -19,7 +20,7 @@ from oclear_ray.export import (
     load_query_encoder,
     read_manifest,
 )
-from oclear_ray.model import ImageEncoderConfig, ModelConfig, RetrievalModel, TextEncoderConfig
+from oclear_ray.model import RetrievalModel
 from oclear_ray.preprocess import PreprocessConfig, images_to_tensor
 from oclear_ray.text import train_tokenizer
 

@@ -5,15 +5,8 @@ import timm
 import torch
 from transformers import BertConfig, BertModel
 
-from oclear_ray.model import (
-    FusionConfig,
-    ImageEncoder,
-    ImageEncoderConfig,
-    ModelConfig,
-    RetrievalModel,
-    TextEncoder,
-    TextEncoderConfig,
-)
+from oclear_ray.config import FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from oclear_ray.model import ImageEncoder, RetrievalModel, TextEncoder
 from oclear_ray.preprocess import PreprocessConfig
 
 B, T, VOCAB = 3, 12, 100
@@ -229,7 +222,7 @@ def test_config_round_trips_through_plain_dicts():
         embed_dim=64,
     )
     assert ModelConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(TypeError, match="num_slots"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_slots'\] in model.fusion"):
         ModelConfig.from_dict({"fusion": {"num_slots": 4}})
 
 

@@ -12,15 +12,9 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from oclear_ray.config import TrainConfig
+from oclear_ray.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig, TrainConfig
 from oclear_ray.export import export_model, load_doc_encoder, load_query_encoder
-from oclear_ray.model import (
-    ImageEncoderConfig,
-    ModelConfig,
-    RetrievalModel,
-    TextEncoderConfig,
-    resolve_pretrained,
-)
+from oclear_ray.model import RetrievalModel, resolve_pretrained
 from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.text import TextTokenizer
 from oclear_ray.train import fit

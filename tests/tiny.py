@@ -20,8 +20,9 @@ def export_random_model(texts: list[str], out, seed: int = 0) -> str:
     it into ``out``; returns its model_version."""
     import torch
 
+    from oclear_ray.config import ModelConfig, TextEncoderConfig
     from oclear_ray.export import export_model
-    from oclear_ray.model import ModelConfig, RetrievalModel, TextEncoderConfig
+    from oclear_ray.model import RetrievalModel
     from oclear_ray.preprocess import PreprocessConfig
     from oclear_ray.text import train_tokenizer
 
