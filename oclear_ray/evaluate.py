@@ -40,9 +40,8 @@ def exact_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Top-``k`` inner products of ``xq`` against ``xb``: ``(D, I)``."""
     import faiss
 
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(np.ascontiguousarray(xb, dtype=np.float32))
-    return index.search(np.ascontiguousarray(xq, dtype=np.float32), min(k, xb.shape[0]))
+    xq, xb = (np.ascontiguousarray(x, dtype=np.float32) for x in (xq, xb))
+    return faiss.knn(xq, xb, min(k, xb.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def relevance(I: np.ndarray, query_labels, doc_labels) -> np.ndarray:
