@@ -100,7 +100,7 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     data = os.path.join(workdir, "data")
     photos = pq.read_table(os.path.join(data, "new_photos.parquet"))
     held_out = pq.read_metadata(os.path.join(data, "eval_queries.parquet")).num_rows
-    new, held = read_report(workdir), read_report(os.path.join(workdir, "eval-held-out"))
+    new, held = read_report(workdir), read_json(workdir, "eval-held-out", "report.json")
     assert (new["n_queries"], held["n_queries"]) == (photos.num_rows, held_out)
     output = " ".join(result.output.split())  # rich may wrap the line
     assert f"R@1 {new['recall@1']:.3f} on {photos.num_rows} new photos of catalog" in output
