@@ -706,17 +706,17 @@ UNITS = {
 
 
 class StageLines:
-    """One rich progress line per stage (``stage: status``, a bar, its counts, time, ETA), kept
+    """One rich progress line per stage (``stage: status``, a bar, time, ETA, its counts), kept
     on the terminal when done; train's line shows step / total, stage, loss, samples/s."""
 
     def __init__(self, totals: dict | None = None):
         self.totals, self.tasks, self.last, self.counts = dict(totals or {}), {}, {}, {}
         self.bar = Progress(
             TextColumn("[bold]{task.description}[/bold]: {task.fields[status]:<7}"),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[info]}"),
+            BarColumn(bar_width=20),
             TimeElapsedColumn(),
             _Eta(),
+            TextColumn("{task.fields[info]}"),
             console=console,
         )
 
@@ -765,8 +765,9 @@ class StageLines:
             self.start(stage)
         task = self.tasks[stage]
         total = self.bar.tasks[task].total or 1
-        if stage != "train" and stage in self.counts:  # train's count is in its headline
-            info = f"{self.counts[stage]}, {info}"
+        count = self.counts.get(stage, "")
+        if stage != "train" and count and count.split()[0] not in info.split():  # once
+            info = f"{count}, {info}"
         self.bar.update(task, total=total, completed=total, status=status, info=info)
         self.bar.stop_task(task)
 
