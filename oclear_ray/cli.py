@@ -143,16 +143,18 @@ def _fail(exc: BaseException, log_file: str) -> int:
 
 def root_cause(exc: BaseException) -> BaseException:
     """The exception a failure comes from: through Ray Train's worker and controller errors,
-    Ray's task errors (their ``cause``) and ``raise ... from``."""
+    Ray's task errors (their ``cause``) and what Ray raised ``from``; an error of ours that
+    names the problem is kept, not the lower-level one it was raised from."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
         failures = getattr(exc, "worker_failures", None) or {}
+        from_ray = type(exc).__module__.split(".")[0] == "ray"
         inner = (
             next(iter(failures.values()), None)
             or getattr(exc, "controller_failure", None)
             or getattr(exc, "cause", None)
-            or exc.__cause__
+            or (exc.__cause__ if from_ray else None)
         )
         if not isinstance(inner, BaseException):
             break
