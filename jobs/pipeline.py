@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from oclear_ray.config import train_config
+from jobs import add_training_options, training_config
 from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig, run_pipeline
 from oclear_ray.runtime import init_ray
 
@@ -23,18 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--queries", default=None, help="training query photos (optional)")
     p.add_argument("--eval-queries", default=None, help="labelled queries to evaluate on")
-    p.add_argument("--config", default=None, help="YAML training config")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="training wall-time budget")
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a training config field, e.g. optim.lr=1e-3 (repeatable)",
-    )
+    add_training_options(p)
     p.add_argument(
         "--govern",
         choices=GOVERN_MODES,
@@ -51,14 +40,7 @@ def main(args) -> None:
         workdir=args.workdir,
         queries=args.queries,
         eval_queries=args.eval_queries,
-        train=train_config(
-            args.config,
-            workers=args.workers,
-            steps=args.steps,
-            max_minutes=args.max_minutes,
-            use_gpu=args.use_gpu,
-            sets=args.set,
-        ),
+        train=training_config(args),
         fusion_ablation=args.fusion_ablation,
         govern_mode=args.govern,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from oclear_ray.config import train_config
+from jobs import add_training_options, training_config
 from oclear_ray.runtime import init_ray
 from oclear_ray.train import fit
 
@@ -21,35 +21,16 @@ def parse_args(argv=None):
     p.add_argument("--catalog", required=True)
     p.add_argument("--queries", default=None, help="training query photos (optional)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default=None, help="YAML training config")
     p.add_argument(
         "--class-map", default=None, help="class map (default WORKDIR/govern/class_map.json)"
     )
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="scale the schedule to this many steps")
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a training config field, e.g. optim.lr=1e-3 (repeatable)",
-    )
+    add_training_options(p)
     return p.parse_args(argv)
 
 
 def main(args) -> None:
-    cfg = train_config(
-        args.config,
-        workers=args.workers,
-        steps=args.steps,
-        max_minutes=args.max_minutes,
-        use_gpu=args.use_gpu,
-        sets=args.set,
-    )
     result = fit(
-        cfg,
+        training_config(args),
         catalog=args.catalog,
         queries=args.queries,
         workdir=args.workdir,
