@@ -239,7 +239,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    started = time.time()
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = ray.train.torch.get_device()
@@ -254,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     docs = _forever(ray.train.get_dataset_shard("docs"), cfg.data.batch_size, "docs", device)
     shard = ray.train.get_dataset_shard("queries") if config["has_queries"] else None
     queries = _forever(shard, cfg.data.query_batch_size, "queries", device) if shard else None
-    budget = _time_budget(started, config.get("deadline"))
+    window = None  # (start, seconds): the schedule's time runs from the first batch
     rank0 = ray.train.get_context().get_world_rank() == 0
     tracked = None
     if rank0 and config.get("tracking"):
@@ -267,7 +266,9 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.monotonic()
         batch = _make_batch(next(docs), next(queries) if queries else None, pre, device)
         t1 = time.monotonic()
-        elapsed = (time.time() - started) / budget if budget else 0.0
+        if window is None:
+            window = (time.time(), _time_budget(time.time(), config.get("deadline")))
+        elapsed = (time.time() - window[0]) / window[1] if window[1] else 0.0
         elapsed = done_share + (1.0 - done_share) * elapsed  # a resumed run goes on from its share
         progress = cfg.progress(step, parallel.max_over_ranks(elapsed))
         stage = cfg.stage_at(progress)

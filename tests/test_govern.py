@@ -247,6 +247,7 @@ def governed(ray_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     args = ["govern", "--catalog", str(data / "catalog.parquet"), "--workdir", str(work)]
     args += ["--queries", str(data / "queries.parquet"), "--truth", str(data / "truth.json")]
+    args += ["--policy", "sqrt"]  # sampling asked for (the default is none): its test needs it
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return data, work

@@ -145,7 +145,7 @@ def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
         "--queries",
         os.path.join(data, "queries.parquet"),
         "--eval-queries",
-        os.path.join(data, "eval_queries.parquet"),
+        os.path.join(data, "new_photos.parquet"),  # what the demo evaluates
         "--workdir",
         workdir,
         "--config",
@@ -160,7 +160,7 @@ def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
     assert set(stage_statuses(again.output).values()) == {"current"}
 
     # new evaluation queries (the first half): only the evaluation reruns
-    table = pq.read_table(os.path.join(data, "eval_queries.parquet"))
+    table = pq.read_table(os.path.join(data, "new_photos.parquet"))
     half = os.path.join(data, "eval_half.parquet")
     pq.write_table(table.slice(0, table.num_rows // 2), half)
     args[args.index("--eval-queries") + 1] = half
