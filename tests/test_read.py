@@ -158,7 +158,8 @@ def test_cli_validate_exit_codes(ray_cluster, tmp_path):
     ok = runner.invoke(app, ["validate", str(tmp_path / "ok.parquet"), "--workdir", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "quarantine: " in ok.output
-    bad = runner.invoke(app, ["validate", str(tmp_path / "bad.parquet"), "--kind", "catalog"])
+    bad_args = ["validate", str(tmp_path / "bad.parquet"), "--kind", "catalog"]
+    bad = runner.invoke(app, [*bad_args, "--workdir", str(tmp_path)])
     assert bad.exit_code == 2
     assert "doc_id" in bad.output
 
