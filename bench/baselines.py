@@ -61,8 +61,10 @@ def plain_pixels(images) -> torch.Tensor:
 
 
 def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    dx, dy = (torch.randint(-6, 7, (2,), generator=g)).tolist()
-    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))  # one shift per batch keeps it cheap
+    """Each image rolled by up to 6 px each way, each channel scaled and shifted."""
+    shifts = torch.randint(-6, 7, (x.shape[0], 2), generator=g).tolist()
+    rolled = [torch.roll(img, s, dims=(1, 2)) for img, s in zip(x, shifts, strict=True)]
+    x = torch.stack(rolled)
     scale = 1 + 0.2 * torch.randn(x.shape[0], 3, 1, 1, generator=g)
     return x * scale + 0.2 * torch.randn(x.shape[0], 3, 1, 1, generator=g)
 
