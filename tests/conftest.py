@@ -21,6 +21,10 @@ def jpeg_bytes(color=(30, 200, 30), size=(16, 16)) -> bytes:
     return buf.getvalue()
 
 
+#: how often the test cluster's processes export their metrics (milliseconds)
+METRICS_INTERVAL_MS = 1000
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto) on 127.0.0.1 for the session, its endpoint and
@@ -36,12 +40,15 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
     """One local Ray for every end-to-end test (4 logical CPUs so trainers leave room for Data),
-    started with the S3 server's variables in its environment."""
+    started with the S3 server's variables in its environment. Its processes export their
+    metrics every second (Ray's default is 10 s), so that a test reading them from Ray's
+    Prometheus endpoint waits seconds, not tens of seconds."""
     import ray
 
     from oclear_ray.runtime import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_INTERVAL_MS))
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()

@@ -446,9 +446,13 @@ def test_served_metrics_reach_prometheus_with_their_values(server, work):
     counted from what the app had exported before them (other tests search the same app);
     Ray exports its metrics every few seconds, so the scrape is polled. (Ray's histogram
     ``_sum`` is estimated from bucket midpoints, so the buckets are what is checked.)"""
+    import ray
+
+    # Ray's export interval (tests/conftest.py sets it for the test cluster), at least 1 s
+    interval = max(ray._config.metrics_report_interval_ms(), 1000) / 1000
     before = app_metrics()
     for _ in range(10):  # earlier tests' searches may not be exported yet: wait for a still scrape
-        time.sleep(6)
+        time.sleep(3 * interval)  # three exports
         now = app_metrics()
         if now == before:
             break
@@ -475,7 +479,7 @@ def test_served_metrics_reach_prometheus_with_their_values(server, work):
         got = app_metrics()
         if all(got.get(k) == v for k, v in expected.items()):
             break
-        time.sleep(2)
+        time.sleep(interval)
     assert {k: got.get(k) for k in expected} == expected
     assert got["ray_oclear_encode_latency_ms_sum"] > 0
     assert got["ray_oclear_search_latency_ms_sum"] > 0
