@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -52,3 +56,56 @@ def ray_cluster(tmp_path_factory, s3_server):
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pretrained_folders(tmp_path_factory):
+    """A pretrained backbone (``ROOT/cnn``) and text model (``ROOT/bert``) written the standard
+    way; ``(ROOT, the backbone as saved)``."""
+    from tests.tiny import PRETRAINED_WORDS, save_pretrained_backbone, save_pretrained_text
+
+    root = tmp_path_factory.mktemp("pretrained")
+    net = save_pretrained_backbone(root / "cnn")
+    save_pretrained_text(root / "bert", PRETRAINED_WORDS)
+    return root, net
+
+
+@dataclass
+class DemoRun:
+    workdir: str  # the demo's work directory (later tests rerun pipelines in it)
+    config: str  # the YAML config it ran with
+    result: object  # typer's Result: exit_code, output
+    model_dir: Path  # a copy of WORKDIR/train/model as the demo left it
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_cluster, pretrained_folders, tmp_path_factory) -> DemoRun:
+    """``oclear demo`` (synth -> govern -> train -> embed -> index -> evaluate -> serve -> one
+    search over HTTP) as a user runs it, with a relative work directory (Ray's workers and
+    actors run in other directories), on the GPU recipe at CPU sizes started from pretrained
+    parts (``tests.tiny.gpu_recipe_at_cpu_sizes``). One run for the session: tests/test_pipeline
+    and tests/test_pretrained both check it."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from oclear_ray.cli import app
+    from tests.tiny import gpu_recipe_at_cpu_sizes
+
+    root = tmp_path_factory.mktemp("demo")
+    config = root / "gpu-small.yaml"
+    config.write_text(yaml.safe_dump(gpu_recipe_at_cpu_sizes(pretrained_folders[0])))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["demo", "--workdir", "work", "--docs", "150", "--classes", "20"]
+    args += ["--config", str(config), "--steps", "4", "--port", str(port), "--once"]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(cwd)
+    model = root / "work" / "train" / "model"
+    if model.is_dir():  # as the demo made it (tests/test_pipeline retrains in the work dir)
+        shutil.copytree(model, root / "demo-model")
+    return DemoRun(str(root / "work"), str(config), result, root / "demo-model")

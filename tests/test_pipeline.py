@@ -1,14 +1,12 @@
 """The product a new user meets: ``oclear demo`` (synth -> pipeline -> serve -> one search) on a
-local Ray, then ``oclear pipeline`` on the same inputs skipping every current stage and rerunning
-only what a changed input touches."""
+local Ray (the session's one demo run, tests/conftest.py), then ``oclear pipeline`` on the same
+inputs skipping every current stage and rerunning only what a changed input touches."""
 
 import json
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from oclear_ray.cli import app
@@ -17,6 +15,7 @@ from tests.tiny import TINY_MODEL
 
 pytestmark = pytest.mark.ray
 
+#: a tiny pipeline config (tests/test_s3.py runs its pipeline on it)
 TINY = {
     "model": TINY_MODEL,
     "data": {"batch_size": 8, "query_batch_size": 4},
@@ -25,29 +24,11 @@ TINY = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def demo(ray_cluster, tmp_path_factory):
-    """``oclear demo`` with a relative work directory, as a user runs it (Ray's workers and
-    actors run in other directories)."""
-    root = tmp_path_factory.mktemp("demo")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    args = ["--workdir", "work", "--docs", "150", "--classes", "20", "--config", str(config)]
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        result = CliRunner().invoke(
-            app, ["demo", *args, "--steps", "4", "--port", str(free_port()), "--once"]
-        )
-    finally:
-        os.chdir(cwd)
-    return str(root / "work"), str(config), result
+def demo(demo_run):
+    """``oclear demo`` with a relative work directory, as a user runs it: the session's one
+    demo run (tests/conftest.py), which tests/test_pretrained checks too."""
+    return demo_run.workdir, demo_run.config, demo_run.result
 
 
 def read_report(workdir: str) -> dict:
@@ -122,10 +103,12 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     (train,), evaluations = runs["train"], runs["evaluate"]
     version = read_json(workdir, "train", "model", "config.json")["model_version"]
     assert train.info.status == "FINISHED" and train.data.tags["model_version"] == version
-    assert train.data.params["config.run.workers"] == "1"
+    assert train.data.params["config.run.workers"] == "2"
     assert train.data.params["config.data.batch_size"] == "8"
     losses = client.get_metric_history(train.info.run_id, "loss")
-    assert [m.step for m in losses] == [4]  # 4 steps (log_every 10): the last one's report
+    # --steps 4 scales the recipe's 5,000 + 45,000 steps to 1 + 4 (each stage keeps >= 1): 5
+    # steps (log_every 10), the last one's report
+    assert [m.step for m in losses] == [5]
     recalls = sorted(r.data.metrics["recall_at_1"] for r in evaluations)
     assert recalls == sorted([new["recall@1"], held["recall@1"]])
     for run in evaluations:

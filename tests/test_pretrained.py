@@ -18,18 +18,14 @@ from oclear_ray.model import RetrievalModel, resolve_pretrained
 from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.text import TextTokenizer
 from oclear_ray.train import fit
-from tests.tiny import BACKBONE_PREPROCESS, save_pretrained_backbone, save_pretrained_text
+from tests.tiny import BACKBONE_PREPROCESS
 
-WORDS = ["red", "mug", "blue", "cup", "steel", "bottle"]
 TEXTS = ["Red mug", "", "blue steel bottle with a lid"]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained")
-    net = save_pretrained_backbone(root / "cnn")
-    save_pretrained_text(root / "bert", WORDS)
-    return root, net
+def folders(pretrained_folders):
+    return pretrained_folders
 
 
 def pretrained_config(root, **preprocess) -> ModelConfig:
@@ -152,47 +148,34 @@ def test_image_config_refuses_two_weight_sources_and_unknown_names(tmp_path):
 
 @pytest.mark.ray
 def test_gpu_recipe_shrunk_from_pretrained_parts_trains_embeds_indexes_and_serves(
-    ray_cluster, folders, tmp_path
+    demo_run, folders
 ):
     """``configs/gpu.yaml`` at CPU sizes (bf16, ArcFace, Partial FC 0.1, augmentation, photo
     views of documents), started from the local pretrained backbone and text model, through
     ``oclear demo``: synth -> govern -> train (2 workers) -> embed -> index -> evaluate -> serve
-    -> one search over HTTP."""
+    -> one search over HTTP. (The session's one demo run, tests/conftest.py, is this recipe.)"""
     import json
-    import socket
 
     import yaml
-    from typer.testing import CliRunner
-
-    from oclear_ray.cli import app
 
     root, net = folders
-    with open("configs/gpu.yaml") as f:
+    with open(demo_run.config) as f:
         cfg = yaml.safe_load(f)
-    cfg["model"] = {
-        "image": {"pretrained": f"local-dir:{root / 'cnn'}"},
-        "text": {"pretrained_path": str(root / "bert")},
-        "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
-        "preprocess": {"image_size": 32, "max_text_length": 16},
-        "embed_dim": 32,
-    }
-    cfg["data"].update(batch_size=8, query_batch_size=4)
-    cfg["run"].update(workers=2, cpus_per_worker=0.5, threads_per_worker=1, use_gpu=False)
-    cfg["run"].update(checkpoint_every=100, max_failures=0)
+    assert cfg["model"]["image"]["pretrained"] == f"local-dir:{root / 'cnn'}"
+    assert cfg["model"]["text"]["pretrained_path"] == str(root / "bert")
+    assert cfg["run"]["workers"] == 2 and not cfg["run"]["use_gpu"]
     assert (cfg["run"]["precision"], cfg["head"]["sample_rate"]) == ("bf16", 0.1)
-    config = tmp_path / "gpu-small.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path / "work"
-    args = ["demo", "--workdir", str(workdir), "--docs", "150", "--classes", "20"]
-    args += ["--config", str(config), "--steps", "4", "--port", str(port), "--once"]
-    result = CliRunner().invoke(app, args)
+    with open("configs/gpu.yaml") as f:
+        recipe = yaml.safe_load(f)
+    for section in ("head", "optim"):
+        assert cfg[section] == recipe[section]
+    for key in ("cache", "augment", "doc_as_query_rate"):
+        assert cfg["data"][key] == recipe["data"][key]
+    result = demo_run.result
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "search page: http://127.0.0.1:" in result.output and "score" in result.output
 
-    model_dir = workdir / "train" / "model"
+    model_dir = demo_run.model_dir
     manifest = json.loads((model_dir / "config.json").read_text())
     pre = PreprocessConfig(**manifest["model"]["preprocess"])
     assert {k: getattr(pre, k) for k in BACKBONE_PREPROCESS} == BACKBONE_PREPROCESS

@@ -86,3 +86,31 @@ def save_pretrained_text(out, words: list[str], seed: int = 0):
     )
     BertModel(hf).save_pretrained(str(out))
     return tokenizer
+
+
+#: the words of the pretrained test text model's vocabulary
+PRETRAINED_WORDS = ["red", "mug", "blue", "cup", "steel", "bottle"]
+
+
+def gpu_recipe_at_cpu_sizes(root) -> dict:
+    """``configs/gpu.yaml`` at CPU sizes (bf16, ArcFace, Partial FC 0.1, augmentation, photo
+    views of documents; 2 workers), started from the pretrained backbone and text model that
+    :func:`save_pretrained_backbone` and :func:`save_pretrained_text` wrote under ``root``
+    (``cnn`` and ``bert``)."""
+    import yaml
+
+    from tests.local_ray import REPO
+
+    with open(REPO / "configs" / "gpu.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"] = {
+        "image": {"pretrained": f"local-dir:{root / 'cnn'}"},
+        "text": {"pretrained_path": str(root / "bert")},
+        "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
+        "preprocess": {"image_size": 32, "max_text_length": 16},
+        "embed_dim": 32,
+    }
+    cfg["data"].update(batch_size=8, query_batch_size=4)
+    cfg["run"].update(workers=2, cpus_per_worker=0.5, threads_per_worker=1, use_gpu=False)
+    cfg["run"].update(checkpoint_every=100, max_failures=0)
+    return cfg
