@@ -117,6 +117,8 @@ def train_plain(catalog: pa.Table, queries: pa.Table, minutes: float, seed: int 
 
 def _prepared(table: pa.Table, class_map: dict, tokenizer_path: str, pre) -> dict:
     ids = {str(k): k for k in range(class_map["num_classes"])}
+    if "text" not in table.column_names:  # image queries
+        table = table.append_column("text", pa.nulls(table.num_rows, pa.string()))
     table = table.set_column(
         table.column_names.index("label"),
         "label",
@@ -131,13 +133,22 @@ def _draw(data: dict, n: int, rng: np.random.Generator) -> dict:
 
 
 def train_bare(
-    cfg: TrainConfig, catalog: pa.Table, queries: pa.Table, minutes: float, out_dir: str
+    cfg: TrainConfig,
+    catalog: pa.Table,
+    queries: pa.Table,
+    minutes: float | None,
+    out_dir: str,
+    steps: int | None = None,
 ) -> tuple[int, float]:
-    """The platform's model and loss in this process for ``minutes`` (its schedule by time,
-    its data preparation and augmentation), exported to ``out_dir``; return (steps,
-    samples/s)."""
+    """The platform's model and loss in this process for ``minutes`` (its schedule by time),
+    or for ``steps`` (its schedule by steps), with its data preparation and augmentation,
+    exported to ``out_dir``; return (steps, samples/s)."""
     torch.set_num_threads(cfg.run.workers * cfg.run.threads_per_worker)  # the same cores
-    run = dataclasses.replace(cfg.run, workers=1, max_minutes=minutes, schedule_by="time")
+    if steps:
+        cfg = cfg.with_total_steps(steps)
+        run = dataclasses.replace(cfg.run, workers=1, max_minutes=None)
+    else:
+        run = dataclasses.replace(cfg.run, workers=1, max_minutes=minutes, schedule_by="time")
     cfg = dataclasses.replace(cfg, run=run)
     class_map = raw_class_map(catalog["label"].to_pylist() + queries["label"].to_pylist())
     tok = train_tokenizer(catalog["text"].to_pylist(), vocab_size=cfg.model.text.vocab_size)
@@ -152,7 +163,7 @@ def train_bare(
     device = torch.device("cpu")
     model, head, optim, head_optim = _build(cfg, class_map["num_classes"], device)
     rng, step, seen, started = np.random.default_rng(cfg.run.seed), 0, 0, time.time()
-    budget = 60 * minutes
+    budget = 60 * (minutes or float("inf"))
     while (progress := cfg.progress(step, (time.time() - started) / budget)) < 1.0:
         d = augment_docs(
             _draw(docs, cfg.data.batch_size, rng),

@@ -18,7 +18,7 @@ from oclear_ray.preprocess import PreprocessConfig
 
 MARGINS = ("cosface", "arcface")
 DEFAULT_M = {"cosface": 0.2, "arcface": 0.5}  # the CPU recipe's CosFace m; ArcFace's paper value
-DOC_QUERY_VIEWS = ("photo", "outline")
+DOC_QUERY_VIEWS = ("photo", "outline", "render")
 
 
 #: timm's prefixes for backbones named by where their weights are, not by architecture
@@ -129,6 +129,31 @@ class FusionConfig:
 
 
 @dataclass(kw_only=True)
+class ShapeConfig:
+    """The coarse shape code kept beside the learned embedding (``model.ShapeCode``): the
+    lowest ``size`` x ``size`` 2-D DCT frequencies of the image's grey levels, weighted by
+    ``weight`` against the learned part (0 or size 0 turn it off). It is what pixel k-NN
+    matches, and a learned embedding trained on few renderings loses it on renderings it never
+    saw. The default (16, weight 2) was chosen on class-split validation queries of both
+    development sets (``bench/recipe.py --shape-weights``); pretrained photo backbones turn it
+    off (``configs/gpu.yaml``)."""
+
+    size: int = 16
+    weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or self.size == 1:
+            raise ValueError(f"model.shape.size must be 0 (off) or >= 2, got {self.size}")
+        if self.weight < 0:
+            raise ValueError(f"model.shape.weight must be >= 0, got {self.weight}")
+
+    @property
+    def dim(self) -> int:
+        """Its width in the embedding (the constant term is left out): 0 when off."""
+        return self.size * self.size - 1 if self.size and self.weight else 0
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The whole model: encoders, fusion, embedding size, and the preprocessing it expects."""
 
@@ -136,17 +161,29 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    #: the learned embedding's width (what the classifier trains)
     embed_dim: int = 128
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.shape.size > self.preprocess.image_size:
+            raise ValueError(
+                f"model.shape.size {self.shape.size} exceeds preprocess.image_size "
+                f"{self.preprocess.image_size}"
+            )
         built_from_sizes = self.text.pretrained_path is None and self.text.hf_config is None
         if built_from_sizes and self.preprocess.max_text_length > self.text.max_position_embeddings:
             raise ValueError(
                 f"preprocess.max_text_length {self.preprocess.max_text_length} exceeds "
                 f"text.max_position_embeddings {self.text.max_position_embeddings}"
             )
+
+    @property
+    def output_dim(self) -> int:
+        """The width of the vectors the encoders return and the index holds."""
+        return self.embed_dim + self.shape.dim
 
     def to_dict(self) -> dict:
         """Plain JSON-ready nested dict (the inverse of :meth:`from_dict`)."""
@@ -221,8 +258,9 @@ class DataConfig:
     #: larger than the object store: they then stream from storage every epoch)
     cache: bool = True
     #: also train the query tower on views of document images (for classes that have documents
-    #: but no query): ``doc_query_view`` "photo" (a user's photo of the item) or "outline" (its dark
-    #: outlines, thickened, on white: a line drawing)
+    #: but no query): ``doc_query_view`` "photo" (a user's photo of the item), "outline" (its dark
+    #: outlines, thickened, on white: a line drawing) or "render" (as another source may draw it:
+    #: moved and scaled, then re-inked, knocked out of a tile, grey, line art or edges)
     doc_as_query_rate: float = 0.0
     doc_query_view: str = "photo"
 

@@ -292,10 +292,11 @@ def embed_dataset(ds, model_dir: str, config: EmbedConfig):
 
 
 def _model_info(model_dir: str) -> tuple[str, int]:
+    from oclear_ray.config import ModelConfig
     from oclear_ray.export import read_manifest
 
     manifest = read_manifest(model_dir)
-    return manifest["model_version"], int(manifest["model"]["embed_dim"])
+    return manifest["model_version"], ModelConfig.from_dict(manifest["model"]).output_dim
 
 
 def _pending(catalog: str, workdir: str, out: str, version: str, format: str | None):

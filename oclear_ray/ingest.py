@@ -23,7 +23,8 @@ from oclear_ray.text import TextTokenizer
 def _edges(img: Image.Image) -> Image.Image:
     """An outline drawing of a photo: its strong edges, dark on white."""
     edges = ImageOps.grayscale(img).filter(ImageFilter.FIND_EDGES)
-    return ImageOps.invert(ImageOps.autocontrast(edges)).convert("RGB")
+    edges = ImageOps.crop(edges, 1)  # the filter marks the frame itself as an edge
+    return ImageOps.invert(ImageOps.autocontrast(ImageOps.expand(edges, 1))).convert("RGB")
 
 
 def light_view(size, strength: float = 1.0) -> v2.Transform:
@@ -58,6 +59,85 @@ def outline_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         ink = ink.filter(ImageFilter.MaxFilter(3))
     crop = v2.RandomResizedCrop(img.size[::-1], scale=(0.85, 1.0), ratio=(1.0, 1.0))
     return crop(ImageOps.invert(ink).convert("RGB"))
+
+
+def _ink(img: Image.Image) -> np.ndarray:
+    """How dark each pixel is, [H, W] in [0, 1] (0 white paper, 1 black ink)."""
+    return 1.0 - np.asarray(ImageOps.grayscale(img), dtype=np.float32) / 255.0
+
+
+def _hue(rng: np.random.Generator) -> np.ndarray:
+    """A random ink colour, RGB in [0, 255]: any hue, mostly saturated, sometimes near black."""
+    h, s, v = rng.random(), rng.uniform(0.4, 1.0), rng.uniform(0.2, 1.0)
+    k = (np.array([5.0, 3.0, 1.0]) + 6 * h) % 6
+    return 255 * v * (1 - s * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def _duotone(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The drawing re-inked in one random colour on white (a monochrome mark shown in its
+    brand's colour, or a colour item printed in one ink)."""
+    ink = _ink(img)[..., None]
+    return Image.fromarray((255 - ink * (255 - _hue(rng))).astype(np.uint8))
+
+
+def _badge(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The drawing knocked out in white from a coloured tile around it (an app-icon-like
+    rendering)."""
+    ink = _ink(img)
+    rows, cols = np.flatnonzero(ink.max(1) > 0.2), np.flatnonzero(ink.max(0) > 0.2)
+    if not len(rows):
+        return img
+    h, w = ink.shape
+    pad = int(rng.integers(1, max(2, h // 8)))
+    top, bottom = max(0, rows[0] - pad), min(h, rows[-1] + pad + 1)
+    left, right = max(0, cols[0] - pad), min(w, cols[-1] + pad + 1)
+    out = np.full((h, w, 3), 255.0, np.float32)
+    tile = ink[top:bottom, left:right, None]
+    out[top:bottom, left:right] = tile * 255 + (1 - tile) * _hue(rng)
+    return Image.fromarray(out.astype(np.uint8))
+
+
+#: the renderings ``render_view`` draws from, with their odds
+RENDERINGS = {
+    "colour": 0.2,  # as drawn, colour jittered
+    "grey": 0.1,
+    "duotone": 0.25,
+    "badge": 0.1,
+    "outline": 0.2,
+    "edges": 0.15,
+}
+
+
+def render_view(img: Image.Image, rng: np.random.Generator, strength: float = 1.0):
+    """A view of a catalog image as another source may have drawn it: moved, scaled (often
+    smaller, as beside a wordmark) and turned a little, then rendered in one of
+    :data:`RENDERINGS` (re-inked in one colour, knocked out of a coloured tile, grey, line art,
+    edges, or its own colours jittered), sometimes blurred. ``strength`` scales the geometry."""
+    s = strength
+    move = v2.RandomAffine(
+        degrees=10.0 * s,
+        translate=(0.1 * s, 0.1 * s),
+        scale=(max(0.3, 1.0 - 0.4 * s), 1.0 + 0.1 * s),
+        interpolation=v2.InterpolationMode.BILINEAR,
+        fill=255,
+    )
+    img = move(img)
+    kind = rng.choice(list(RENDERINGS), p=list(RENDERINGS.values()))
+    if kind == "colour":
+        img = v2.ColorJitter(saturation=0.5, hue=0.5)(img)  # white paper stays white
+    elif kind == "grey":
+        img = ImageOps.grayscale(img).convert("RGB")
+    elif kind == "duotone":
+        img = _duotone(img, rng)
+    elif kind == "badge":
+        img = _badge(img, rng)
+    elif kind == "outline":
+        img = outline_view(img, rng)
+    else:
+        img = _edges(img)
+    if rng.random() < 0.2:
+        img = v2.GaussianBlur(3, sigma=(0.3, 1.0))(img)
+    return img
 
 
 class PrepareBatches:
@@ -111,8 +191,9 @@ def augment_docs(
     view: str = "photo",
     strength: float = 1.0,
 ) -> dict:
-    """Per-epoch document views, plus query-like views (``view``: "photo" or "outline") of a
-    share of them as extra query samples (``query_image`` where ``has_query_image``)."""
+    """Per-epoch document views, plus query-like views (``view``: "photo", "outline" or
+    "render") of a share of them as extra query samples (``query_image`` where
+    ``has_query_image``)."""
     rng = _seeded()
     pixels = batch["image"]
     size = pixels.shape[1:3]
@@ -121,7 +202,11 @@ def augment_docs(
     use = rng.random(len(pixels)) < doc_as_query_rate
     query = np.zeros_like(pixels)
     if use.any():
-        make = photo_view(size, strength) if view == "photo" else (lambda i: outline_view(i, rng))
+        make = {
+            "photo": photo_view(size, strength),
+            "outline": lambda i: outline_view(i, rng),
+            "render": lambda i: render_view(i, rng, strength),
+        }[view]
         query[use] = _views(pixels[use], make)
     batch["query_image"], batch["has_query_image"] = query, use
     return batch

@@ -23,8 +23,10 @@ from oclear_ray.config import (
     FusionConfig,
     ImageEncoderConfig,
     ModelConfig,
+    ShapeConfig,
     TextEncoderConfig,
 )
+from oclear_ray.preprocess import PreprocessConfig
 
 PARTS = ("doc", "query")
 
@@ -295,6 +297,37 @@ class ConceptFusion(nn.Module):
         return torch.where(text.mask.any(1, keepdim=True), fused, image_emb), gate
 
 
+def dct_basis(n: int, k: int) -> torch.Tensor:
+    """The first ``k`` orthonormal DCT-II basis vectors of length ``n``, [k, n]."""
+    i, j = torch.arange(k, dtype=torch.float64)[:, None], torch.arange(n, dtype=torch.float64)
+    basis = torch.cos(torch.pi * (2 * j + 1) * i / (2 * n)) * (2.0 / n) ** 0.5
+    basis[0] /= 2**0.5
+    return basis.float()
+
+
+class ShapeCode(nn.Module):
+    """The image's coarse shape as a unit vector: its grey levels' lowest k x k 2-D DCT
+    frequencies, the constant term left out (brightness does not count). No parameters: it
+    is what pixel k-NN matches, and it keeps that match on renderings training never showed
+    (line art of colour items, colour logos of monochrome marks)."""
+
+    def __init__(self, config: ShapeConfig, preprocess: PreprocessConfig):
+        super().__init__()
+        size = preprocess.image_size
+        self.register_buffer("basis", dct_basis(size, config.size), persistent=False)
+        grey = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma
+        # grey = sum_c w_c (x_c std_c + mean_c): a weight per channel, and a constant that only
+        # the dropped DCT term sees
+        std = torch.tensor(preprocess.std)
+        self.register_buffer("channel_weight", (grey * std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised images -> [B, k*k - 1] unit vectors."""
+        grey = (images.float() * self.channel_weight).sum(1)
+        coeffs = self.basis @ grey @ self.basis.T
+        return F.normalize(coeffs.flatten(1)[:, 1:], dim=-1)
+
+
 def _head(in_dim: int, out_dim: int) -> nn.Module:
     """Projection head into the shared embedding space."""
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
@@ -326,6 +359,8 @@ class RetrievalModel(nn.Module):
         self.doc_image_head = _head(image_dim, dim) if "doc" in parts else None
         self.query_image_head = _head(image_dim, dim) if "query" in parts else None
         self.query_text_head = _head(text_dim, dim) if "query" in parts else None
+        shape = self.config.shape
+        self.shape = ShapeCode(shape, self.config.preprocess) if shape.dim else None
 
     def encode_pair(
         self,
@@ -335,7 +370,8 @@ class RetrievalModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> PairEmbeddings:
         """Training pass: image-only and fused document embeddings, query-photo embeddings, and
-        the documents' text as text queries (fused and text are None without ``input_ids``).
+        the documents' text as text queries (fused and text are None without ``input_ids``);
+        the learned part only (the classifier's space), without the shape code.
 
         One backbone pass over documents and query photos together, so that batch-norm
         statistics mix both domains as the running statistics used at inference do; one text
@@ -373,6 +409,7 @@ class RetrievalModel(nn.Module):
         """Document embeddings [B, D] (and the image gate [B]); without text: image only, gate 1."""
         self._require("doc")
         emb, gate = self._encode_image(images, self.doc_image_head, input_ids, attention_mask)
+        emb = self._with_shape(emb, images)
         return (emb, gate) if return_gate else emb
 
     def encode_query(
@@ -391,11 +428,23 @@ class RetrievalModel(nn.Module):
         if images is None and input_ids is None:
             raise ValueError("encode_query needs images, input_ids (text), or both; got neither")
         if images is None:
-            emb = self._text_query(self._text(input_ids, attention_mask))
+            emb = self._with_shape(self._text_query(self._text(input_ids, attention_mask)))
             gate = torch.zeros_like(emb[:, 0])
             return (emb, gate) if return_gate else emb
         emb, gate = self._encode_image(images, self.query_image_head, input_ids, attention_mask)
+        emb = self._with_shape(emb, images)
         return (emb, gate) if return_gate else emb
+
+    def _with_shape(self, emb: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned embedding with the images' shape code beside it (zeros for a text-only
+        query: it has no shape), weighted, unit length; as is without a shape code."""
+        if self.shape is None:
+            return emb
+        if images is None:
+            code = emb.new_zeros(emb.shape[0], self.config.shape.dim)
+        else:
+            code = self.shape(images).to(emb.dtype)
+        return F.normalize(torch.cat([emb, self.config.shape.weight * code], dim=-1), dim=-1)
 
     def _encode_image(
         self,

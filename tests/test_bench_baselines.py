@@ -27,7 +27,5 @@ def test_plain_and_bare_loops_train_for_their_budget_and_embed(tmp_path):
     )
     assert steps >= 1 and rate > 0
     doc = load_doc_encoder(str(tmp_path / "m"))
-    assert doc.encode_doc(images=catalog["image"].to_pylist()[:3], texts=["a", "b", ""]).shape == (
-        3,
-        32,
-    )
+    docs = doc.encode_doc(images=catalog["image"].to_pylist()[:3], texts=["a", "b", ""])
+    assert docs.shape == (3, doc.model.config.output_dim)

@@ -5,7 +5,13 @@ import timm
 import torch
 from transformers import BertConfig, BertModel
 
-from oclear_ray.config import FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from oclear_ray.config import (
+    FusionConfig,
+    ImageEncoderConfig,
+    ModelConfig,
+    ShapeConfig,
+    TextEncoderConfig,
+)
 from oclear_ray.model import ImageEncoder, RetrievalModel, TextEncoder
 from oclear_ray.preprocess import PreprocessConfig
 
@@ -17,6 +23,7 @@ def small_config(**image) -> ModelConfig:
         image=ImageEncoderConfig(**image),
         text=TextEncoderConfig(vocab_size=VOCAB, max_position_embeddings=32),
         preprocess=PreprocessConfig(image_size=32, max_text_length=T),
+        shape=ShapeConfig(size=0),  # the learned part alone (test_shape.py has the shape code)
     )
 
 

@@ -20,7 +20,7 @@ def export_random_model(texts: list[str], out, seed: int = 0) -> str:
     it into ``out``; returns its model_version."""
     import torch
 
-    from oclear_ray.config import ModelConfig, TextEncoderConfig
+    from oclear_ray.config import ModelConfig, ShapeConfig, TextEncoderConfig
     from oclear_ray.export import export_model
     from oclear_ray.model import RetrievalModel
     from oclear_ray.preprocess import PreprocessConfig
@@ -36,6 +36,7 @@ def export_random_model(texts: list[str], out, seed: int = 0) -> str:
             max_position_embeddings=16,
         ),
         preprocess=PreprocessConfig(image_size=32, max_text_length=16),
+        shape=ShapeConfig(size=0),  # 32-wide vectors, as the served-index tests write them
         embed_dim=32,
     )
     return export_model(RetrievalModel(config).eval(), tokenizer, out)
