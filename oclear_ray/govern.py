@@ -1027,22 +1027,21 @@ def govern(
     queries: str | None = None,
     review: Review | None = None,
     progress=None,
+    validations=None,
 ) -> GovernResult:
-    """Validate the catalog, compute features with Ray Data, organise the classes, undo what
-    ``review`` rejects and write WORKDIR/govern/{report.json, report.md, report.html,
-    class_map.json} (class map last)."""
+    """Validate the catalog (once per input in ``validations``, ``read.Validations``),
+    compute features with Ray Data, organise the classes, undo what ``review`` rejects and
+    write WORKDIR/govern/{report.json, report.md, report.html, class_map.json} (class map
+    last)."""
     from oclear_ray import storage
     from oclear_ray.contract import CATALOG
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import Validations, clean, read
 
     cfg, review = config or GovernConfig(), review or Review()
     workdir = storage.absolute(workdir)  # Ray's workers do not run in this directory
     out_dir = storage.join(workdir, "govern")
-    report = validate(
-        read(catalog, CATALOG),
-        CATALOG,
-        storage.join(workdir, "quarantine", "govern.parquet"),
-        progress=progress,
+    report = (validations or Validations()).validate(
+        catalog, CATALOG, storage.join(workdir, "quarantine", "govern.parquet"), progress=progress
     )
     ds = clean(read(catalog, CATALOG), CATALOG, report)
     table = content_table(ds, cfg).sort_by("doc_id")  # a rerun proposes the same decisions

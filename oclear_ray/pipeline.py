@@ -69,24 +69,6 @@ class PipelineConfig:
             )
 
 
-def fingerprint(path: str | None) -> str | None:
-    """A hash of the files under ``path`` (names, sizes, modification times): cheap, and
-    changed by any rewrite. ``None`` for no input."""
-    if path is None:
-        return None
-    import pyarrow.fs as pafs
-
-    fs, p = storage.resolve(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no such input: {path}")
-    infos = [info]
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
-    items = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
 def key_of(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -150,11 +132,16 @@ def run_pipeline(
     from oclear_ray.export import read_manifest
     from oclear_ray.govern import govern
     from oclear_ray.index import sync_index
+    from oclear_ray.read import Validations
     from oclear_ray.train import fit
 
     w = storage.absolute(cfg.workdir)  # Ray's workers and actors run in other directories
     tick = progress or (lambda stage: None)
-    data = {"catalog": fingerprint(cfg.catalog), "queries": fingerprint(cfg.queries)}
+    validations = Validations()  # governance, probes and training check each input once
+    data = {
+        "catalog": storage.fingerprint(cfg.catalog),
+        "queries": storage.fingerprint(cfg.queries),
+    }
     results = {}
 
     class_map = RAW_LABELS
@@ -163,9 +150,14 @@ def run_pipeline(
 
         def run_govern() -> dict:
             r = govern(
-                cfg.catalog, w, config=cfg.govern, queries=cfg.queries, progress=tick("govern")
+                cfg.catalog,
+                w,
+                config=cfg.govern,
+                queries=cfg.queries,
+                progress=tick("govern"),
+                validations=validations,
             )
-            choice = choose_class_map(cfg, w, r.class_map_path)
+            choice = choose_class_map(cfg, w, r.class_map_path, validations)
             record_choice(w, choice)
             return {"class_map": r.class_map_path, "version": r.version, "choice": choice}
 
@@ -196,6 +188,7 @@ def run_pipeline(
             progress=tick("train"),
             on_report=tick("train"),
             tracking=cfg.tracking,
+            validations=validations,
         )
         return {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
 
@@ -243,7 +236,7 @@ def run_pipeline(
             return out
 
         inputs = {
-            "queries": fingerprint(cfg.eval_queries),
+            "queries": storage.fingerprint(cfg.eval_queries),
             "index": results["index"].key,
             "config": _asdict(cfg.eval),
             "fusion_ablation": cfg.fusion_ablation,
@@ -256,12 +249,15 @@ def run_pipeline(
 # --------------------------------------------------------------------------- govern mode
 
 
-def choose_class_map(cfg: PipelineConfig, workdir: str, class_map_path: str) -> dict:
+def choose_class_map(
+    cfg: PipelineConfig, workdir: str, class_map_path: str, validations=None
+) -> dict:
     """Whether training applies the proposed class map, and why (with the figures of ``auto``).
 
     ``auto`` applies it only when it changes some label (a merge, split, relabel or drop: the
     sampling weights alone are not worth a probe) and the probe trained on it scores a higher
-    validation R@1 than the one trained on the raw labels; a tie keeps the raw labels.
+    validation R@1 than the one trained on the raw labels; a tie keeps the raw labels. The
+    probes validate their inputs through ``validations`` (``read.Validations``).
     """
     from oclear_ray.classmap import load_class_map
 
@@ -274,7 +270,7 @@ def choose_class_map(cfg: PipelineConfig, workdir: str, class_map_path: str) -> 
         return {**choice, "reason": "the proposed class map changes no label"}
     if cfg.queries is None:
         return {**choice, "reason": "no training queries to validate the class map on"}
-    figures = probe(cfg, workdir, class_map)
+    figures = probe(cfg, workdir, class_map, validations)
     if figures is None:
         return {**choice, "reason": "too few training-query classes to hold some out"}
     apply = figures["governed"]["recall@1"] > figures["raw"]["recall@1"]
@@ -298,36 +294,38 @@ def record_choice(workdir: str, choice: dict) -> None:
     storage.write_bytes(md, storage.read_bytes(md) + (line + "\n").encode())
 
 
-def _clean_table(path: str, contract, workdir: str):
+def _clean_table(path: str, contract, workdir: str, validations):
     """A small input's clean rows (image bytes resolved) as one arrow table."""
     import os
 
     import pyarrow as pa
     import ray
 
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import clean, read
 
     stem = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
-    report = validate(
-        read(path, contract), contract, storage.join(workdir, "quarantine", f"{stem}.parquet")
-    )
+    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
+    report = validations.validate(path, contract, quarantine)
     tables = ray.get(clean(read(path, contract), contract, report).to_arrow_refs())
     return pa.concat_tables([t for t in tables if t.num_rows], promote_options="default")
 
 
-def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
+def probe(cfg: PipelineConfig, workdir: str, class_map: dict, validations=None) -> dict | None:
     """Validation R@1 of two short trainings (``probe_steps``), on the raw labels and on
     ``class_map``: ``probe_share`` of the training queries' classes (by a hash of the label)
     are held out, the rest train; a held-out photo finds a document of its class (the class
     map's classes for both, so that both are scored alike) among the whole catalog. None when
-    the split leaves no class on one side."""
+    the split leaves no class on one side. Inputs are validated through ``validations``
+    (``read.Validations``): once for both probes, and for the pipeline's own training."""
     import pyarrow.compute as pc
 
     from oclear_ray.contract import CATALOG, QUERIES
+    from oclear_ray.read import Validations
     from oclear_ray.train import fit
 
+    validations = validations or Validations()
     probe_dir = storage.join(workdir, "govern", "probe")
-    queries = _clean_table(cfg.queries, QUERIES, probe_dir)
+    queries = _clean_table(cfg.queries, QUERIES, probe_dir, validations)
     labels = queries.column("label").to_pylist()
     cut = int(cfg.probe_share * 1000)
     held = [bool(v) and zlib.crc32(str(v).encode()) % 1000 < cut for v in labels]
@@ -338,7 +336,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
         return None
     train_path = storage.join(probe_dir, "train_queries.parquet")
     storage.write_parquet(train_path, [train_queries], train_queries.schema)
-    docs = _clean_table(cfg.catalog, CATALOG, probe_dir)
+    docs = _clean_table(cfg.catalog, CATALOG, probe_dir, validations)
     steps = min(cfg.probe_steps, cfg.train.total_steps)
     train = cfg.train.with_total_steps(steps)
     train = dataclasses.replace(train, run=dataclasses.replace(train.run, max_minutes=None))
@@ -351,6 +349,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
             workdir=storage.join(probe_dir, arm),
             class_map=labels_used,
             name=f"probe-{arm}-{key_of({'map': class_map['version'], 'steps': steps})}",
+            validations=validations,
         )
         out[arm] = validation_recall(result.model_dir, docs, val, class_map)
     return out

@@ -2,15 +2,17 @@
 
 Each returns a Ray Dataset in the data contract (``oclear_ray.contract``), checking the schema
 before any work starts. ``validate`` runs the row checks through Ray Data, writes the bad rows
-to a quarantine parquet with their reason, and counts everything.
+to a quarantine parquet with their reason, and counts everything; ``Validations`` does it once
+per input for a run that reads the same input several times.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -307,6 +309,46 @@ def validate(
         raise SchemaError(f"{contract.kind} has no rows")
     sink.close()
     return report
+
+
+class Validations:
+    """The validation reports of one run's inputs, so that a run reading an input more than
+    once (a pipeline's governance, probe trainings and training) checks its rows once.
+
+    A report is reused for the same path, contract, format and limits while the input's
+    ``storage.fingerprint`` (file names, sizes, modification times) is unchanged; its bad rows
+    are copied to the quarantine path the repeat names, so every caller leaves the quarantine
+    file and gets the report that its own validation would have given.
+    """
+
+    def __init__(self):
+        self._done: dict[tuple, ValidationReport] = {}
+
+    def validate(
+        self,
+        path: str,
+        contract: Contract,
+        quarantine_path: str,
+        *,
+        format: str | None = None,
+        limits: Limits | None = None,
+        progress=None,
+    ) -> ValidationReport:
+        """``validate(read(path, contract, format=format), ...)``, or the report of an earlier
+        call on the unchanged input (``progress`` is then told all its rows at once)."""
+        limits = limits or Limits()
+        key = (storage.absolute(path), storage.fingerprint(path), contract.kind, format, limits)
+        first = self._done.get(key)
+        if first is None:
+            ds = read(path, contract, format=format)
+            report = validate(ds, contract, quarantine_path, limits=limits, progress=progress)
+            self._done[key] = copy.deepcopy(report)
+            return report
+        if storage.absolute(quarantine_path) != storage.absolute(first.quarantine_path):
+            storage.copy_file(first.quarantine_path, quarantine_path)
+        if progress is not None:
+            progress(first.rows)
+        return replace(copy.deepcopy(first), quarantine_path=str(quarantine_path))
 
 
 def _drop_internal(table: pa.Table) -> pa.Table:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -209,6 +211,30 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def copy_file(src: str, dest: str) -> None:
+    """Copy one file, any filesystem to any other, streamed and published whole at ``dest``."""
+    fs, p = resolve(src)
+    with _named(str(src)), fs.open_input_stream(p) as f, open_output(dest) as out:
+        while chunk := f.read(1 << 24):
+            out.write(chunk)
+
+
+def fingerprint(path: str | None) -> str | None:
+    """A hash of the files under ``path`` (names, sizes, modification times): cheap, and
+    changed by any rewrite. ``None`` for no input."""
+    if path is None:
+        return None
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such input: {path}")
+    infos = [info]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    items = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
 def publish_dir(local_dir: str, dest: str, *, manifest: str) -> None:
     """Publish the files of a local folder under ``dest`` (a path or URI) one by one, the
     ``manifest`` file (which names the others) last; nothing is ever moved as a folder.
@@ -223,6 +249,4 @@ def publish_dir(local_dir: str, dest: str, *, manifest: str) -> None:
     if manifest not in names:
         raise FileNotFoundError(f"{local_dir} has no {manifest} to publish last")
     for name in [n for n in names if n != manifest] + [manifest]:
-        with local.open_input_stream(f"{root}/{name}") as src, open_output(join(dest, name)) as f:
-            while chunk := src.read(1 << 24):
-                f.write(chunk)
+        copy_file(f"{root}/{name}", join(dest, name))

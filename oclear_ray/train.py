@@ -386,18 +386,15 @@ class TrainResult:
     class_map_version: str | None = None
 
 
-def _validated(path: str, contract, workdir: str, progress=None):
-    """Read, validate (quarantining bad rows) and return the clean dataset and its report."""
+def _validated(path: str, contract, workdir: str, validations, progress=None):
+    """Read, validate (quarantining bad rows; once per input in ``validations``) and return
+    the clean dataset and its report."""
     from oclear_ray import storage
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import clean, read
 
     name = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
-    report = validate(
-        read(path, contract),
-        contract,
-        storage.join(workdir, "quarantine", f"{name}.parquet"),
-        progress=progress,
-    )
+    quarantine = storage.join(workdir, "quarantine", f"{name}.parquet")
+    report = validations.validate(path, contract, quarantine, progress=progress)
     return clean(read(path, contract), contract, report), report
 
 
@@ -454,11 +451,13 @@ def fit(
     progress=None,
     on_report=None,
     tracking=None,
+    validations=None,
 ) -> TrainResult:
     """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model;
     with ``tracking`` (``tracking.Tracking``), one MLflow run holds the resolved config and
     rank 0's metrics; ``on_report(metrics)`` is told rank 0's reports in this process as it
-    trains."""
+    trains. ``validations`` (``read.Validations``, shared by the trainings of one pipeline run)
+    validates each input once; without it the inputs are validated here."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -467,14 +466,18 @@ def fit(
     from oclear_ray.contract import CATALOG, QUERIES
     from oclear_ray.export import read_manifest
     from oclear_ray.model import resolve_pretrained
+    from oclear_ray.read import Validations
     from oclear_ray.runtime import forward_reports
     from oclear_ray.tracking import start_run
 
     deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     cfg = replace(cfg, model=resolve_pretrained(cfg.model))  # before any data or worker
     workdir = storage.absolute(workdir)  # Ray Train's workers do not run in this directory
-    docs, doc_report = _validated(catalog, CATALOG, workdir, progress)
-    q_ds, q_report = _validated(queries, QUERIES, workdir, progress) if queries else (None, None)
+    validations = validations or Validations()
+    docs, doc_report = _validated(catalog, CATALOG, workdir, validations, progress)
+    q_ds, q_report = (
+        _validated(queries, QUERIES, workdir, validations, progress) if queries else (None, None)
+    )
     class_map = find_class_map(class_map, workdir) or raw_class_map(
         doc_report.label_set | (q_report.label_set if q_report else set())
     )

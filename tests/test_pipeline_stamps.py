@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from oclear_ray.pipeline import PipelineConfig, _run_stage, fingerprint, key_of, read_stamp
+from oclear_ray.pipeline import PipelineConfig, _run_stage, key_of, read_stamp
+from oclear_ray.storage import fingerprint
 
 
 def test_fingerprint_follows_file_changes(tmp_path):

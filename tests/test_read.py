@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from oclear_ray.cli import app
 from oclear_ray.contract import CATALOG, QUERIES, SchemaError
-from oclear_ray.read import detect_format, read, validate, validate_source
+from oclear_ray.read import Validations, detect_format, read, validate, validate_source
 from tests.conftest import jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.ray
@@ -51,6 +52,29 @@ def test_bad_rows_quarantined_good_rows_kept(ray_cluster, tmp_path):
     assert rows[("d3", 9)] == "duplicate doc_id"
     assert q.column("image").to_pylist()[0] == images[2]  # bad rows are kept whole
     assert report.labels == 4
+
+
+def test_validations_check_an_input_once_until_it_changes(ray_cluster, tmp_path, monkeypatch):
+    """A repeat on the unchanged input gets the first report and its own copy of the
+    quarantine file, with no pass over the rows; a rewritten input is checked again."""
+    import oclear_ray.read as read_module
+
+    images = [png_bytes(color=(i * 20, 0, 0)) for i in range(6)]
+    images[2] = b"\x89PNG garbage"
+    path = str(tmp_path / "c.parquet")
+    write_catalog(path, [f"d{i}" for i in range(6)], images)
+    validations = Validations()
+    first = validations.validate(path, CATALOG, str(tmp_path / "a.parquet"))
+    passes, real = [], read_module.validate
+    monkeypatch.setattr(read_module, "validate", lambda *a, **k: passes.append(1) or real(*a, **k))
+    rows = []
+    again = validations.validate(path, CATALOG, str(tmp_path / "b.parquet"), progress=rows.append)
+    assert passes == [] and rows == [6] and (first.rows, first.good) == (6, 5)
+    assert again == replace(first, quarantine_path=str(tmp_path / "b.parquet"))
+    assert pq.read_table(tmp_path / "b.parquet") == pq.read_table(tmp_path / "a.parquet")
+    write_catalog(path, [f"d{i}" for i in range(5)], images[:5])
+    changed = validations.validate(path, CATALOG, str(tmp_path / "c2.parquet"))
+    assert passes == [1] and changed.rows == 5
 
 
 def test_missing_doc_id_column_fails_before_work(ray_cluster, tmp_path):
