@@ -6,9 +6,10 @@ number of catalog documents carrying each query's label: recall@k, MAP@R (R capp
 search depth) and nDCG@k with binary gains. Queries whose label no document carries count as
 misses everywhere (their R is 0).
 
-``evaluate`` embeds the queries with the exported query encoder through a Ray Data actor pool,
-searches the index (ANN) and, for reference, the embeddings by brute force (exact), and writes
-``report.json`` and ``report.html`` (recall curves, query -> top-k thumbnails).
+``evaluate`` embeds the queries with the exported query encoder (a small set in this process,
+a larger one through a Ray Data actor pool), searches the index (ANN) and, for reference, the
+embeddings by brute force (exact), and writes ``report.json`` and ``report.html`` (recall
+curves, query -> top-k thumbnails).
 ``exact_search``, ``label_recall`` and ``embed_in_process`` are the small in-process helpers
 (no Ray) that benchmarks use.
 """
@@ -216,9 +217,28 @@ def embed_queries(ds, model_dir: str, config: EmbedConfig, *, thumb_rate: float 
     return encoder_pool(ds, QueryEmbedder, model_dir, config, thumb_rate=thumb_rate)
 
 
+def embed_queries_here(ds, model_dir: str, config: EmbedConfig, *, thumb_rate: float = 0.0):
+    """The batches ``embed_queries`` makes, made in this process on the CPU: one
+    ``QueryEmbedder`` (the same encoder and outputs) on batches of the pool's size, with its
+    threads; this process's thread count is restored after. For a few queries, where starting
+    the pool's actors takes longer than embedding them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        embedder = QueryEmbedder(model_dir, threads=config.threads, thumb_rate=thumb_rate)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=config.batch_size):
+            yield embedder(batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------- the stage
 
 FORMAT = "oclear-ray/eval/v1"
+#: query sets of at most this many good rows are embedded in this process when the pool would
+#: run on the CPU: the same numbers, without the seconds of starting the pool's actors
+IN_PROCESS_ROWS = 2048
 
 
 def _default_pool() -> EmbedConfig:
@@ -232,7 +252,8 @@ class EvalConfig:
     ``ks``: recall cut-offs; ``curve_depth``: ranks of the recall curves; ``max_r``: MAP@R's
     R is capped here (the search depth); ``grid_queries`` / ``grid_k``: queries shown in the
     HTML report and documents per query; ``category_level``: leading segments of the ``/``
-    category path used for per-category recall; ``pool``: the query-encoder actor pool.
+    category path used for per-category recall; ``pool``: the query-encoder actor pool (for
+    more than ``IN_PROCESS_ROWS`` queries, or on GPUs).
     """
 
     ks: tuple[int, ...] = (1, 5, 10)
@@ -320,9 +341,11 @@ def rows_of(index, catalog: Catalog, I: np.ndarray) -> np.ndarray:
 def _read_queries(
     queries: str, workdir: str, model_dir: str, config: EvalConfig, format, progress=None
 ):
-    """Validate (bad rows to ``WORKDIR/quarantine/``), clean and embed the queries: the table
-    of labelled query embeddings sorted by id, the validation report, unlabelled rows."""
+    """Validate (bad rows to ``WORKDIR/quarantine/``), clean and embed the queries (in this
+    process when there are at most ``IN_PROCESS_ROWS``): the table of labelled query embeddings
+    sorted by id, the validation report, unlabelled rows."""
     from oclear_ray.contract import QUERIES
+    from oclear_ray.embed import _actor_resources
     from oclear_ray.read import clean, read, validate
 
     stem = os.path.basename(str(queries).rstrip("/")).split(".")[0] or "queries"
@@ -332,9 +355,15 @@ def _read_queries(
         raise ValueError(f"{queries}: no usable query rows (see {quarantine})")
     ds = clean(read(queries, QUERIES, format=format), QUERIES, report)
     rate = min(1.0, 4 * config.grid_queries / report.good)
-    rows = embed_queries(ds, model_dir, config.pool, thumb_rate=rate)
+    here = report.good <= IN_PROCESS_ROWS and _actor_resources(config.pool)[1] == "cpu"
+    if here:
+        rows = embed_queries_here(ds, model_dir, config.pool, thumb_rate=rate)
+    else:
+        rows = embed_queries(ds, model_dir, config.pool, thumb_rate=rate).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
     batches = []
-    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in rows:
         batches.append(batch)
         if progress is not None:
             progress(batch.num_rows)

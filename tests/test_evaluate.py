@@ -179,8 +179,8 @@ def test_report_has_metrics_versions_and_counts(fused, data, model_dir):
     assert set(report["timing_s"]) >= {"embed_queries_s", "ann_search_s", "total_s"}
 
 
-def test_ray_query_embedding_matches_in_process_search(fused, queries, model_dir):
-    """Recall from the Ray Data actor pool equals recall from embedding in this process."""
+def test_reported_recall_matches_a_search_of_queries_embedded_here(fused, queries, model_dir):
+    """The report's recall equals recall from embedding the queries here, in one batch."""
     (workdir, report), (xq, labels) = fused, queries
     index = SearchIndex.load(f"{workdir}/index", load_query_encoder(model_dir).model_version)
     _, found = index.search(xq, 10)
@@ -190,6 +190,25 @@ def test_ray_query_embedding_matches_in_process_search(fused, queries, model_dir
     want = recall_at(hits == np.array(labels, dtype=object)[:, None], (1, 10))
     assert report["recall@1"] == pytest.approx(want["recall@1"])
     assert report["recall@10"] == pytest.approx(want["recall@10"])
+
+
+def test_a_small_query_set_is_embedded_in_process_as_the_pool_embeds_it(
+    fused, data, model_dir, tmp_path, monkeypatch
+):
+    """A few queries are embedded in this process, no actor pool started: the same rows,
+    vectors and thumbnails as the Ray Data actor pool gives them."""
+    import oclear_ray.evaluate as evaluate
+
+    config = evaluate.EvalConfig(grid_queries=5)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "IN_PROCESS_ROWS", 0)
+        pool = evaluate._read_queries(data[1], str(tmp_path), model_dir, config, None)
+    monkeypatch.setattr(evaluate, "embed_queries", None)  # the pool would fail
+    here = evaluate._read_queries(data[1], str(tmp_path), model_dir, config, None)
+    assert here[1:] == pool[1:] and here[0].num_rows == pool[0].num_rows == data[2]
+    for name in ("query_id", "label", "text", "thumbnail"):
+        assert here[0][name] == pool[0][name]
+    np.testing.assert_allclose(vectors_of(here[0]), vectors_of(pool[0]), rtol=0, atol=1e-6)
 
 
 def test_fused_side_of_the_ablation_is_the_exact_search(fused):
