@@ -35,7 +35,6 @@ from oclear_ray.config import ShapeConfig, train_config
 from oclear_ray.evaluate import embed_in_process
 from oclear_ray.export import load_doc_encoder, load_query_encoder
 from oclear_ray.model import ShapeCode
-from oclear_ray.preprocess import images_to_tensor
 
 
 def parse_args():
@@ -49,7 +48,9 @@ def parse_args():
     p.add_argument("--workers", type=int, default=2, help="cores, as the platform's workers")
     p.add_argument("--val-share", type=float, default=0.3)
     p.add_argument("--keep", default=None, help="keep each exported model under this folder")
-    p.add_argument("--shape-size", type=int, default=16)
+    p.add_argument(
+        "--shape-size", type=int, default=16, help="for a model without its own shape code"
+    )
     p.add_argument(
         "--shape-weights", type=float, nargs="*", default=[], help="shape code weights to scan"
     )
@@ -79,59 +80,55 @@ def recipe(spec: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
-def gate_quartiles(doc, catalog: dict) -> list[float]:
-    """Quartiles of the image gate over the documents (1: the image alone)."""
+def _batches(n: int, size: int = 256):
+    return (slice(i, i + size) for i in range(0, n, size))
+
+
+def evaluate(model_dir: str, catalog: dict, queries: dict, shape_size: int, weights) -> dict:
+    """Validation figures of the exported model (its own shape weight): fused, image-only and
+    text-only documents and the gate's quartiles; then fused and image-only R@1 / R@10 with the
+    shape code at each of ``weights``. Every input is embedded once: the learned part and the
+    shape code apart, joined per weight."""
+    torch.set_num_threads(2)
+    query, doc = load_query_encoder(model_dir), load_doc_encoder(model_dir)
+    own = query.model.config.shape
+    size, weight = (own.size, own.weight) if own.dim else (shape_size, 0.0)
+    query.model.shape = doc.model.shape = None  # the learned part alone
+    code = ShapeCode(ShapeConfig(size=size), doc.preprocess)
     images, texts = catalog["image"], catalog["text"]
-    gates = [
-        doc.encode_doc(images[i : i + 256], texts[i : i + 256], return_gate=True)[1].numpy()
-        for i in range(0, len(images), 256)
-    ]
-    return np.quantile(np.concatenate(gates), [0.25, 0.5, 0.75]).round(2).tolist()
-
-
-def shape_codes(images: list, pre, size: int) -> np.ndarray:
-    code = ShapeCode(ShapeConfig(size=size), pre)
+    fused, gates, sd = [], [], []
     with torch.no_grad():
-        return np.concatenate(
+        for b in _batches(len(images)):
+            emb, gate = doc.encode_doc(images[b], texts[b], return_gate=True)
+            fused.append(emb.numpy()), gates.append(gate.numpy())
+            sd.append(code(doc.images(images[b])).numpy())
+        sq = np.concatenate(
             [
-                code(images_to_tensor(images[i : i + 256], pre)).numpy()
-                for i in range(0, len(images), 256)
+                code(query.images(queries["image"][b])).numpy()
+                for b in _batches(len(queries["image"]))
             ]
         )
-
-
-def shape_scan(model_dir: str, catalog: dict, queries: dict, size: int, weights) -> dict:
-    """R@1 of fused and image-only documents with the shape code at each weight."""
-    query, doc = load_query_encoder(model_dir), load_doc_encoder(model_dir)
-    query.model.shape = doc.model.shape = None  # the learned part alone
-    xq = embed_in_process(query, queries["image"], doc=False)
-    docs = {
-        "fused": embed_in_process(doc, catalog["image"], catalog["text"], doc=True),
-        "image_only": embed_in_process(doc, catalog["image"], None, doc=True),
+    learned = {
+        "fused": np.concatenate(fused),
+        "image_only": embed_in_process(doc, images, None, doc=True),
+        "text_only": embed_in_process(query, None, texts, doc=False),
     }
-    sq = shape_codes(queries["image"], query.preprocess, size)
-    sd = shape_codes(catalog["image"], doc.preprocess, size)
-    out = {}
-    for w in weights:
-        joined = {k: np.hstack([v, w * sd]).astype(np.float32) for k, v in docs.items()}
-        m = scores(np.hstack([xq, w * sq]).astype(np.float32), joined, catalog, queries)
-        out[w] = {k: (v["recall@1"], v["recall@10"]) for k, v in m.items()}
-    return out
+    xq, sd = embed_in_process(query, queries["image"], doc=False), np.concatenate(sd)
 
+    def at(w: float, names) -> dict:
+        """Scores with the shape code at weight ``w`` (a text has no shape: zeros there)."""
+        docs = {
+            k: np.hstack([learned[k], (0.0 if k == "text_only" else w) * sd]).astype(np.float32)
+            for k in names
+        }
+        return scores(np.hstack([xq, w * sq]).astype(np.float32), docs, catalog, queries)
 
-def evaluate(model_dir: str, catalog: dict, queries: dict) -> dict:
-    """Validation figures: fused, image-only and text-only documents, and the gate."""
-    torch.set_num_threads(2)
-    query = load_query_encoder(model_dir)
-    xq = embed_in_process(query, queries["image"], doc=False)
-    doc = load_doc_encoder(model_dir)
-    docs = {
-        "fused": embed_in_process(doc, catalog["image"], catalog["text"], doc=True),
-        "image_only": embed_in_process(doc, catalog["image"], None, doc=True),
-        "text_only": embed_in_process(query, None, catalog["text"], doc=False),
+    out = at(weight, learned)
+    out["gate"] = np.quantile(np.concatenate(gates), [0.25, 0.5, 0.75]).round(2).tolist()
+    out["shape"] = {
+        w: {k: (v["recall@1"], v["recall@10"]) for k, v in at(w, ["fused", "image_only"]).items()}
+        for w in weights
     }
-    out = scores(xq, docs, catalog, queries)
-    out["gate"] = gate_quartiles(doc, catalog)
     return out
 
 
@@ -155,9 +152,7 @@ def main(args):
                 t0 = time.time()
                 steps, rate = train_bare(cfg, catalog, train_q, args.minutes, out, args.steps)
                 wall = time.time() - t0
-                m = evaluate(out, cat, val)
-                if args.shape_weights:
-                    m["shape"] = shape_scan(out, cat, val, args.shape_size, args.shape_weights)
+                m = evaluate(out, cat, val, args.shape_size, args.shape_weights)
             rows.append((name, seed, steps, rate, wall, m))
             print(line(*rows[-1]), flush=True)
     print(f"\n{'recipe':<16} {'seed':>4} {'steps':>5} {'smp/s':>6} {'wall':>5}  " + HEADER)

@@ -171,7 +171,8 @@ class ModelConfig:
         if self.shape.size > self.preprocess.image_size:
             raise ValueError(
                 f"model.shape.size {self.shape.size} exceeds preprocess.image_size "
-                f"{self.preprocess.image_size}"
+                f"{self.preprocess.image_size}: set model.shape.size <= "
+                f"{self.preprocess.image_size}, or 0 to leave the shape code out"
             )
         built_from_sizes = self.text.pretrained_path is None and self.text.hf_config is None
         if built_from_sizes and self.preprocess.max_text_length > self.text.max_position_embeddings:
