@@ -425,9 +425,10 @@ def in_process(workdir: str, images: list[bytes], args) -> dict:
     import torch
 
     from oclear_ray.contract import Limits
+    from oclear_ray.evaluate import encode_queries
     from oclear_ray.export import load_query_encoder
     from oclear_ray.search import SearchIndex
-    from oclear_ray.serve import encode_queries, query_pixels
+    from oclear_ray.serve import query_pixels
 
     torch.set_num_threads(1)
     encoder = load_query_encoder(os.path.join(workdir, "train", "model"))
@@ -439,8 +440,8 @@ def in_process(workdir: str, images: list[bytes], args) -> dict:
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             chunk = [images[(done + j) % len(images)] for j in range(batch)]
-            items = [(query_pixels(b, limits, pre), None) for b in chunk]
-            index.search_documents(np.stack(encode_queries(encoder, items)), args.k)
+            pixels = [query_pixels(b, limits, pre) for b in chunk]
+            index.search_documents(encode_queries(encoder, pixels, [None] * batch), args.k)
             lat.append(time.perf_counter() - start)
             done += batch
         return done / args.duration, percentiles(lat)[0]

@@ -105,14 +105,11 @@ def retrieval_metrics(rel: np.ndarray, R: np.ndarray, ks=(1, 5, 10)) -> dict[str
 
 
 def overlap_at(found, truth, k: int) -> float:
-    """Mean share of the ``truth`` top-``k`` ids (any hashable) found in the ``found`` top-``k``
-    (None / -1 are padding): ANN recall against exact search."""
-    pads = {None, -1}
-    shares = [
-        len(set(a[:k]) & (set(b[:k]) - pads)) / max(1, len(set(b[:k]) - pads))
-        for a, b in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(shares)) if shares else 1.0
+    """ANN recall against exact search of catalog rows (-1: padding): ``search.recall_at``, the
+    one home of that measure. Exact search pads nothing: ``truth`` is min(k, documents) wide."""
+    from oclear_ray.search import recall_at as ann_recall
+
+    return ann_recall(found, truth, k)
 
 
 def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size: int = 256):
@@ -131,8 +128,12 @@ def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size:
 
 
 def encode_queries(encoder, images: list, texts: list) -> np.ndarray:
-    """Query embeddings [N, D] for rows with an image, a text, or both: rows are grouped by
-    what they carry, one encoder call per group."""
+    """Query embeddings [N, D] float32 for rows with an image, a text, or both: rows are grouped
+    by what they carry, one encoder call per group (evaluation and serving alike). An image is
+    encoded bytes, or uint8 pixels [S, S, 3] already fitted (``preprocess.fit_image``: serving
+    decodes uploads under its limits); a text is a non-empty string."""
+    from oclear_ray.preprocess import normalize
+
     has_image = np.array([b is not None for b in images])
     has_text = np.array([bool(t) for t in texts])
     out = None
@@ -141,6 +142,8 @@ def encode_queries(encoder, images: list, texts: list) -> np.ndarray:
         if not len(rows):
             continue
         im = [images[i] for i in rows] if with_image else None
+        if im is not None and isinstance(im[0], np.ndarray):
+            im = normalize(np.stack(im), encoder.preprocess)
         tx = [texts[i] for i in rows] if with_text else None
         emb = encoder.encode_query(images=im, texts=tx).cpu().numpy()
         out = np.zeros((len(images), emb.shape[1]), np.float32) if out is None else out
@@ -151,17 +154,29 @@ def encode_queries(encoder, images: list, texts: list) -> np.ndarray:
     return out
 
 
-def thumbnail(data: bytes | None, size: int = 64) -> bytes | None:
-    """A small PNG of an encoded image (None stays None; undecodable gives None)."""
+def thumbnail(data: bytes | None, size: int = 64, *, format: str = "PNG") -> bytes | None:
+    """An encoded image fitted in ``size`` x ``size``: a PNG keeping its transparency (the
+    HTML reports) or, ``format="JPEG"``, transparency on white (the search page). None for
+    None, an undecodable image, or one over ``contract.Limits``'s pixels (from its header)."""
     from PIL import Image
+
+    from oclear_ray.contract import Limits
 
     if data is None:
         return None
     try:
         image = Image.open(io.BytesIO(data))
+        if image.width * image.height > Limits().max_pixels:
+            return None
+        image = image.convert("RGBA")  # before resizing: palette images resize smoothly too
         image.thumbnail((size, size))
         buf = io.BytesIO()
-        image.convert("RGBA").save(buf, format="PNG")
+        if format == "JPEG":
+            from oclear_ray.preprocess import to_rgb  # imports torch: serving has it loaded
+
+            to_rgb(image).save(buf, format="JPEG", quality=85)
+        else:
+            image.save(buf, format=format)
         return buf.getvalue()
     except (OSError, ValueError, Image.DecompressionBombError):  # decoration only: skip it
         return None
@@ -174,11 +189,12 @@ def sampled(ids, rate: float) -> np.ndarray:
 
 
 class QueryEmbedder:
-    """``map_batches`` class: loads the query encoder once per actor on ``device``, embeds a
-    batch (in half precision on a GPU: ``export.inference_autocast``) into float32 vectors.
+    """The query encoder, loaded once on ``device`` with ``threads`` torch threads, embedding
+    queries (in half precision on a GPU: ``export.inference_autocast``) into float32 vectors:
+    evaluation's ``map_batches`` class, and what the serving app's encoder replicas run.
 
-    Output: ``query_id``, ``label``, ``text``, ``vector`` and ``thumbnail`` (PNG bytes for the
-    ``thumb_rate`` sample of queries the report shows, else null).
+    A batch's output: ``query_id``, ``label``, ``text``, ``vector`` and ``thumbnail`` (PNG
+    bytes for the ``thumb_rate`` sample of queries the report shows, else null).
     """
 
     def __init__(self, model_dir: str, *, threads: int, device: str = "cpu", thumb_rate=0.0):
@@ -191,10 +207,14 @@ class QueryEmbedder:
         self.encoder.model.to(device)
         self.thumb_rate = thumb_rate
 
+    def encode(self, images: list, texts: list) -> np.ndarray:
+        """Vectors [N, D] of queries (``encode_queries``)."""
+        return encode_queries(self.encoder, images, texts)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
         texts = [t or "" for t in batch.column("text").to_pylist()]
-        vectors = encode_queries(self.encoder, images, texts)
+        vectors = self.encode(images, texts)
         ids = batch.column("query_id").to_pylist()
         show = sampled(ids, self.thumb_rate)
         thumbs = [thumbnail(b) if s else None for b, s in zip(images, show, strict=True)]

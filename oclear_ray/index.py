@@ -36,12 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from faiss.contrib.ivf_tools import add_preassigned
 
 from oclear_ray import storage
 from oclear_ray.embed import read_summary, remove_embeddings, summary_parts, vectors_of
 from oclear_ray.search import (
     FORMAT,
     MANIFEST_FILE,
+    bounded,
+    check_bounds,
     file_sha256,
     ivf_of,
     load_shard,
@@ -74,27 +77,20 @@ class IndexConfig:
     used as queries).
     """
 
-    shards: int | None = None
+    shards: int | None = bounded(None, ">= 1")
     factory: str | None = None
-    memory_gb: float = 8.0
-    rebuild_fraction: float = 0.3
+    memory_gb: float = bounded(8.0, "> 0")
+    rebuild_fraction: float = bounded(0.3, "> 0")
     target_recall: float = 0.95
-    threads_per_shard: int = 1
+    threads_per_shard: int = bounded(1, ">= 1")
     seed: int = 0
 
     def __post_init__(self):
-        if self.shards is not None and self.shards < 1:
-            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        check_bounds(self)
         if self.factory is not None and not self.factory.strip():
             raise ValueError(f"factory must be a FAISS factory string, got {self.factory!r}")
-        if self.memory_gb <= 0:
-            raise ValueError(f"memory_gb must be > 0, got {self.memory_gb}")
-        if self.rebuild_fraction <= 0:
-            raise ValueError(f"rebuild_fraction must be > 0, got {self.rebuild_fraction}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-        if self.threads_per_shard < 1:
-            raise ValueError(f"threads_per_shard must be >= 1, got {self.threads_per_shard}")
 
 
 # ---- choosing and training -------------------------------------------------------------------
@@ -216,16 +212,14 @@ def read_rows(parts: list[tuple[str, int]], rows: np.ndarray) -> np.ndarray:
 
 def add_vectors(index: faiss.Index, x: np.ndarray, ids: np.ndarray, lists=None) -> None:
     """Add normalised ``x`` with global ``ids``; IVF vectors whose ``lists`` are known already
-    skip the quantiser (``add_core``)."""
+    skip the quantiser (``faiss.contrib.ivf_tools.add_preassigned``)."""
     if not len(x):
         return
     x, ids = normalize(x), np.ascontiguousarray(ids, dtype=np.int64)
     if lists is None:
         index.add_with_ids(x, ids)
         return
-    lists = np.ascontiguousarray(lists, dtype=np.int64)
-    ptr = faiss.swig_ptr  # x, ids and lists stay referenced here while FAISS copies them
-    ivf_of(index).add_core(len(x), ptr(x), ptr(ids), ptr(lists))
+    add_preassigned(ivf_of(index), x, np.ascontiguousarray(lists, dtype=np.int64), ids)
 
 
 def assign_lists(*, trained, parts, rows, threads: int = 1) -> np.ndarray:

@@ -15,12 +15,13 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from faiss.contrib.evaluation import knn_intersection_measure
 
 from oclear_ray import storage
 
@@ -31,6 +32,26 @@ _CHUNK = 1 << 22
 
 class IndexRefused(ValueError):
     """The index cannot be used: another model version, a checksum mismatch, another format."""
+
+
+#: the bounds ``bounded`` fields take, and how each is checked
+BOUNDS = {">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0}
+
+
+def bounded(default, bound: str):
+    """A dataclass field with ``default`` that ``check_bounds`` holds to ``bound`` (a key of
+    ``BOUNDS``: counts ``>= 1``, sizes and CPUs ``> 0``, waits ``>= 0``)."""
+    return field(default=default, metadata={"bound": bound})
+
+
+def check_bounds(config) -> None:
+    """A ``ValueError`` naming the first ``bounded`` field of ``config`` out of its bound (None,
+    unset, passes). Here because the index's and the serving app's configs both build on this
+    module."""
+    for f in fields(config):
+        bound, value = f.metadata.get("bound"), getattr(config, f.name)
+        if bound is not None and value is not None and not BOUNDS[bound](value):
+            raise ValueError(f"{f.name} must be {bound}, got {value}")
 
 
 def normalize(x) -> np.ndarray:
@@ -193,10 +214,15 @@ def lookup(documents: pa.Table, D: np.ndarray, I: np.ndarray) -> list[list[dict]
     return out
 
 
-def recall_at(I: np.ndarray, gt: np.ndarray, k: int) -> float:
-    """Mean share of the true top-``k`` ids (``gt``) found in the top-``k`` of ``I``."""
-    hits = sum(len(set(a[:k]) & set(b[:k]) - {-1}) for a, b in zip(I, gt, strict=True))
-    return hits / (k * len(I)) if len(I) else 1.0
+def recall_at(I, gt, k: int) -> float:
+    """ANN recall against exact search: the true top-``k`` ids (``gt``) found in the top-``k``
+    of ``I``, over ``k`` per query (``knn_intersection_measure``; padding ids -1 never match).
+    Fewer than ``k`` columns (exact search over fewer documents): over those."""
+    if not len(I):
+        return 1.0
+    truth = np.asarray(gt, dtype=np.int64)[:, :k]
+    found = np.asarray(I, dtype=np.int64)[:, : truth.shape[1]]
+    return knn_intersection_measure(np.where(found < 0, -2, found), truth)  # -1 in both: no hit
 
 
 def drop_ids(I: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:

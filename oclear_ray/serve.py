@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 import threading
 import warnings
@@ -26,7 +25,9 @@ from PIL import Image
 
 from oclear_ray import storage
 from oclear_ray.contract import Limits
-from oclear_ray.preprocess import PreprocessConfig, fit_image, normalize, to_rgb
+from oclear_ray.embed import read_summary
+from oclear_ray.evaluate import thumbnail
+from oclear_ray.preprocess import PreprocessConfig, fit_image, to_rgb
 from oclear_ray.search import (
     load_documents,
     load_shard,
@@ -186,33 +187,6 @@ def parse_category(value) -> str | None:
     return value.strip().strip("/") or None
 
 
-# ---- encoding ---------------------------------------------------------------------------------
-
-
-def encode_queries(encoder, items: list[tuple[np.ndarray | None, str | None]]) -> list[np.ndarray]:
-    """Embed a batch of ``(pixels or None, text or None)`` queries with an ``ExportedEncoder``.
-
-    Queries are grouped by what they carry (image, text, both) so that each group is one model
-    call; the result keeps the input order. Vectors are float32 (the encoder runs in half
-    precision on a GPU: ``export.inference_autocast``).
-    """
-
-    out: list[np.ndarray | None] = [None] * len(items)
-    groups: dict[tuple[bool, bool], list[int]] = {}
-    for i, (pixels, text) in enumerate(items):
-        groups.setdefault((pixels is not None, text is not None), []).append(i)
-    for (has_image, has_text), rows in groups.items():
-        images = None
-        if has_image:
-            stacked = np.stack([items[i][0] for i in rows])
-            images = normalize(stacked, encoder.preprocess)
-        texts = [items[i][1] for i in rows] if has_text else None
-        vectors = encoder.encode_query(images=images, texts=texts).cpu().numpy()
-        for i, vector in zip(rows, vectors, strict=True):
-            out[i] = vector
-    return out
-
-
 # ---- one shard --------------------------------------------------------------------------------
 
 
@@ -285,17 +259,19 @@ def hits_of(documents: pa.Table, D: np.ndarray, I: np.ndarray, *, thumbnails=Non
 
 
 def embedded_catalog(workdir: str) -> str | None:
-    """The catalog the embeddings were made from (``embed/embed.json``), when still readable."""
-    path = storage.join(workdir, "embed", "embed.json")
-    if not storage.exists(path):
+    """The catalog the embeddings were made from (``embed.read_summary``), when still readable;
+    None without complete embeddings (thumbnails are decoration)."""
+    try:
+        catalog = read_summary(storage.join(workdir, "embed")).get("catalog")
+    except (FileNotFoundError, ValueError):
         return None
-    catalog = json.loads(storage.read_bytes(path)).get("catalog")
     return catalog if catalog and storage.exists(catalog) else None
 
 
 class Thumbnails:
-    """Small JPEG thumbnails of documents, from their ``image_path`` metadata or, for a parquet
-    catalog with image bytes, from the catalog the index was embedded from.
+    """Small JPEG thumbnails of documents (``evaluate.thumbnail``), from their ``image_path``
+    metadata or, for a parquet catalog with image bytes, from the catalog the index was
+    embedded from.
 
     The catalog's ``doc_id`` column is read once (by row group); an image is then read from its
     row group on demand and kept in a bounded LRU cache.
@@ -338,15 +314,14 @@ class Thumbnails:
         return f"/v1/thumbnail?doc_id={quote(doc_id, safe='')}"
 
     def get(self, doc_id: str) -> bytes | None:
-        """JPEG bytes of the document's thumbnail, None when it has no image."""
+        """JPEG bytes of the document's thumbnail, None when it has no readable image."""
         with self.lock:
             if doc_id in self.cache:
                 self.cache.move_to_end(doc_id)
                 return self.cache[doc_id]
-        data = self._image(doc_id)
-        if data is None:
+        thumb = thumbnail(self._image(doc_id), self.size, format="JPEG")
+        if thumb is None:
             return None
-        thumb = _thumbnail(data, self.size)
         with self.lock:
             self.cache[doc_id] = thumb
             while len(self.cache) > self.cache_size:
@@ -374,11 +349,3 @@ def _has_parquet_files(path: str) -> bool:
         return bool(storage.list_files(path, (".parquet",)))
     except (OSError, ValueError):
         return False
-
-
-def _thumbnail(data: bytes, size: int) -> bytes:
-    img = to_rgb(open_query_image(data, Limits()))
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()

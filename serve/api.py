@@ -85,9 +85,11 @@ class QueryBatcher:
     A batch is formed only once a slot is free: a query waits up to ``wait_s`` from its arrival
     for others (up to ``max_size``), and the queries that queue while every slot is busy go out
     together when one frees. Under load the batches grow with the queue, so the cost per query
-    falls as the load rises. (Serve's ``@serve.batch`` forms a batch when its wait ends and only
-    then waits for a free slot: under an open-loop load its batches keep the size the wait gives
-    and queue up as many small ones.)
+    falls as the load rises. Hand-written because Serve's ``@serve.batch`` forms a batch when its
+    wait ends and only then waits for a free slot: under an open-loop load its batches keep the
+    size the wait gives and queue up as many small ones. Measured (``bench/serve.py``,
+    bench/README.md) at 130 queries/s with a 5 ms wait: p99 3,702 ms with ``@serve.batch`` in
+    the ingress, 77 ms with this batcher (mean batch 1.6 -> 2.4).
     """
 
     def __init__(

@@ -28,16 +28,12 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve import metrics
 
+from oclear_ray.config import _build, _read
 from oclear_ray.contract import Limits
+from oclear_ray.evaluate import QueryEmbedder
 from oclear_ray.preprocess import PreprocessConfig
-from oclear_ray.serve import (
-    Paths,
-    ShardSearcher,
-    Thumbnails,
-    check_versions,
-    embedded_catalog,
-    encode_queries,
-)
+from oclear_ray.search import bounded, check_bounds
+from oclear_ray.serve import Paths, ShardSearcher, Thumbnails, check_versions, embedded_catalog
 from serve.api import Query, QueryBatcher, SearchService, Uncounted, build_api, search_batch
 
 log = logging.getLogger("ray.serve")
@@ -92,9 +88,6 @@ def count_items(calls: list[list]) -> int:
     return sum(len(c) for c in calls)
 
 
-_KINDS = {"str": str, "str | None": str, "int": int, "float": float}
-
-
 @dataclass(kw_only=True)
 class AppArgs:
     """Arguments of ``build_app`` (the ``args:`` of ``serve/config.yaml``).
@@ -106,39 +99,24 @@ class AppArgs:
 
     workdir: str = "work"
     model_dir: str | None = None
-    max_batch_size: int = 16
+    max_batch_size: int = bounded(16, ">= 1")
     # a batch costs Serve ~20 ms of CPU in calls whatever its size (2 cores, bench/serve.py):
     # waiting 30 ms for companions gives lower tail latency from ~100 QPS up than 5 ms does
-    batch_wait_timeout_s: float = 0.03
-    concurrent_batches: int = 2
-    encoder_wait_timeout_s: float = 0.0
-    torch_threads: int = 1
-    shard_replicas: int = 1
-    ingress_replicas: int = 1
-    encoder_cpus: float = 0.25
+    batch_wait_timeout_s: float = bounded(0.03, ">= 0")
+    concurrent_batches: int = bounded(2, ">= 1")
+    encoder_wait_timeout_s: float = bounded(0.0, ">= 0")
+    torch_threads: int = bounded(1, ">= 1")
+    shard_replicas: int = bounded(1, ">= 1")
+    ingress_replicas: int = bounded(1, ">= 1")
+    encoder_cpus: float = bounded(0.25, "> 0")
     num_gpus: float = 0.0
-    shard_cpus: float = 0.1
-    ingress_cpus: float = 0.25
-    max_bytes: int = 10_000_000
+    shard_cpus: float = bounded(0.1, "> 0")
+    ingress_cpus: float = bounded(0.25, "> 0")
+    max_bytes: int = bounded(10_000_000, ">= 1")
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        counts = (
-            "max_batch_size",
-            "concurrent_batches",
-            "torch_threads",
-            "shard_replicas",
-            "ingress_replicas",
-        )
-        for name in (*counts, "max_bytes"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_wait_timeout_s", "encoder_wait_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("encoder_cpus", "shard_cpus", "ingress_cpus"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_bounds(self)
         gpus = self.num_gpus
         if isinstance(gpus, bool) or not isinstance(gpus, int | float) or not gpus >= 0:
             raise ValueError(f"num_gpus must be a number >= 0, got {gpus!r}")
@@ -146,12 +124,13 @@ class AppArgs:
 
     @classmethod
     def from_dict(cls, args: dict) -> AppArgs:
-        """From YAML / CLI values (strings are converted to the field's type)."""
-        kinds = {f.name: _KINDS[f.type] for f in fields(cls)}
-        unknown = set(args) - set(kinds)
-        if unknown:
+        """From YAML / CLI values, read by the project's one config parser (``config._read``):
+        a string such as ``"8"`` becomes the field's type; a value of another type is an error
+        naming the field."""
+        unknown = set(args) - {f.name for f in fields(cls)}
+        if unknown:  # here, not the parser's message: that one speaks of a config file
             raise ValueError(f"unknown app args: {', '.join(sorted(unknown))}")
-        return cls(**{k: None if v is None else _convert(k, kinds[k], v) for k, v in args.items()})
+        return _build(cls, _read(cls, args, ""))
 
     @property
     def paths(self) -> Paths:
@@ -166,14 +145,6 @@ class AppArgs:
         """``ray_actor_options`` of the query encoder replicas."""
         gpus = {"num_gpus": self.num_gpus} if self.num_gpus > 0 else {}
         return {"num_cpus": self.encoder_cpus, **gpus}
-
-
-def _convert(name: str, kind: type, value):
-    """``value`` as ``kind``; an error naming the arg when it is not one."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from exc
 
 
 @serve.deployment(
@@ -193,7 +164,8 @@ def _convert(name: str, kind: type, value):
 )
 class QueryEncoder:
     """The exported query encoder on ``device`` (half precision on CUDA, see
-    ``export.inference_autocast``); concurrent calls are batched into one model call."""
+    ``export.inference_autocast``), run by evaluation's ``QueryEmbedder``; concurrent calls are
+    batched into one model call."""
 
     def __init__(
         self,
@@ -204,18 +176,13 @@ class QueryEncoder:
         threads: int = 1,
         device: str = "cpu",
     ):
-        import torch
-
-        from oclear_ray.export import load_query_encoder
-
-        torch.set_num_threads(threads)
-        self.encoder = load_query_encoder(model_dir)
-        if self.encoder.model_version != model_version:
+        self.embedder = QueryEmbedder(model_dir, threads=threads, device=device)
+        found = self.embedder.encoder.model_version
+        if found != model_version:
             raise RuntimeError(
-                f"model at {model_dir} is now version {self.encoder.model_version}, the app "
-                f"was built for {model_version}: redeploy"
+                f"model at {model_dir} is now version {found}, the app was built for "
+                f"{model_version}: redeploy"
             )
-        self.encoder.model.to(device)
         self.encode.set_max_batch_size(batch["max_batch_size"])
         self.encode.set_batch_wait_timeout_s(batch["batch_wait_timeout_s"])
         self.batches: list[int] = []
@@ -226,8 +193,8 @@ class QueryEncoder:
         )
         self.latency = _latency("oclear_encode_latency_ms", "Query-encoder time per batch.")
         # one call before taking traffic: the first forward pass is several times slower
-        size = self.encoder.preprocess.image_size
-        encode_queries(self.encoder, [(np.full((size, size, 3), 255, np.uint8), "warm up")])
+        size = self.embedder.encoder.preprocess.image_size
+        self.embedder.encode([np.full((size, size, 3), 255, np.uint8)], ["warm up"])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def encode(self, calls: list[list[tuple]]) -> list[np.ndarray]:
@@ -235,7 +202,7 @@ class QueryEncoder:
         items = [item for call in calls for item in call]
         self.batches = (self.batches + [len(items)])[-1000:]
         start = time.perf_counter()
-        vectors = np.stack(encode_queries(self.encoder, items))
+        vectors = self.embedder.encode([p for p, _ in items], [t for _, t in items])
         self.latency.observe(1000 * (time.perf_counter() - start))
         self.batch_size.observe(len(items))
         return np.split(vectors, np.cumsum([len(c) for c in calls])[:-1])
@@ -245,7 +212,7 @@ class QueryEncoder:
         return list(self.batches)
 
     def check_health(self) -> None:
-        if self.encoder is None:
+        if self.embedder.encoder is None:
             raise RuntimeError("query encoder not loaded")
 
 

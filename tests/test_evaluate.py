@@ -92,9 +92,27 @@ def test_per_category_and_ann_overlap():
     rel = relevance(I, QUERY_LABELS, DOC_LABELS)
     got = per_category(rel, ["x", "x", "y", "y"])
     assert got == {"x": {"queries": 2, "recall@1": 0.5}, "y": {"queries": 2, "recall@1": 0.0}}
-    assert overlap_at([[1, 2, 3], [7, -1, -1]], [[3, 4, 5], [7, 8, -1]], 3) == pytest.approx(
-        (1 / 3 + 1 / 2) / 2
+    # padding in the ANN rows never matches (exact rows have none)
+    assert overlap_at([[1, 2, 3], [7, -1, -1]], [[3, 4, 5], [7, 8, 9]], 3) == pytest.approx(
+        (1 / 3 + 1 / 3) / 2
     )
+    # exact search over 2 documents is 2 wide: the share of those 2
+    assert overlap_at([[1, -1, -1], [5, 6, -1]], [[0, 1], [6, 5]], 10) == pytest.approx(3 / 4)
+
+
+def test_ann_overlap_equals_the_hand_written_share_it_replaced():
+    """FAISS's measure gives what the per-query share of the exact top-k found gave, on ANN
+    rows with padding against exact rows (which exact search never pads)."""
+    rng = np.random.default_rng(0)
+    truth = np.array([rng.permutation(15)[:10] for _ in range(40)])
+    found = np.array([rng.permutation(15)[:12] for _ in range(40)])
+    found[rng.random(found.shape) < 0.2] = -1
+
+    def share(a, b):
+        return len(set(a[:10]) & set(b[:10]) - {-1}) / len(set(b[:10]))
+
+    want = np.mean([share(a, b) for a, b in zip(found, truth, strict=True)])
+    assert overlap_at(found, truth, 10) == pytest.approx(want)
 
 
 class FakeEncoder:

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from oclear_ray.cli import app as cli
 from oclear_ray.contract import Limits
 from oclear_ray.embed import DocEmbedder, part_path, write_part, write_summary
+from oclear_ray.evaluate import encode_queries, thumbnail
 from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, local_map, sync_index
 from oclear_ray.preprocess import PreprocessConfig
@@ -39,7 +40,6 @@ from oclear_ray.serve import (
     check_versions,
     decodes_quickly,
     embedded_catalog,
-    encode_queries,
     open_query_image,
     parse_k,
     query_pixels,
@@ -132,16 +132,24 @@ def test_parse_k_refuses_bad_values(value):
 def test_encode_queries_batches_mixed_queries_like_single_ones(work):
     encoder = load_query_encoder(Paths.of(work[0]).model_dir)
     torch.set_num_threads(1)
-    images = work[1].column("image").to_pylist()[:3]
-    items = [
-        (query_pixels(images[0], LIMITS, PRE), None),
-        (None, "red square"),
-        (query_pixels(images[1], LIMITS, PRE), "a thing"),
-        (query_pixels(images[2], LIMITS, PRE), None),
-    ]
-    batched = encode_queries(encoder, items)
-    single = [encode_queries(encoder, [item])[0] for item in items]
-    np.testing.assert_allclose(np.stack(batched), np.stack(single), atol=1e-5)
+    images = [query_pixels(b, LIMITS, PRE) for b in work[1].column("image").to_pylist()[:3]]
+    pixels = [images[0], None, images[1], images[2]]
+    texts = [None, "red square", "a thing", None]
+    batched = encode_queries(encoder, pixels, texts)
+    single = [encode_queries(encoder, [p], [t])[0] for p, t in zip(pixels, texts, strict=True)]
+    np.testing.assert_allclose(batched, np.stack(single), atol=1e-5)
+
+
+def test_thumbnails_fit_the_side_on_white_and_skip_unreadable_images():
+    """The search page's JPEG thumbnails and the reports' PNG ones are one function."""
+    clear = png_bytes(size=(256, 100), mode="RGBA", color=(0, 0, 0, 0))
+    jpeg = Image.open(io.BytesIO(thumbnail(clear, 128, format="JPEG")))
+    assert (jpeg.format, jpeg.size) == ("JPEG", (128, 50))
+    assert min(jpeg.convert("RGB").getpixel((64, 25))) >= 250  # transparency on white
+    png = Image.open(io.BytesIO(thumbnail(clear, 128)))
+    assert (png.format, png.mode, png.getpixel((64, 25))[3]) == ("PNG", "RGBA", 0)
+    for unreadable in (None, b"hello, world", truncated_png(), bomb_png(8000, 8000)):
+        assert thumbnail(unreadable, 128, format="JPEG") is None  # 64 Mpx: never decoded
 
 
 def test_shard_searchers_merged_equal_the_whole_index_and_filter_by_category(work):
@@ -189,7 +197,7 @@ def local_backend(workdir: str):
     shards = [ShardSearcher(paths.index_dir, i, version) for i in range(2)]
 
     async def encode(items):
-        return np.stack(encode_queries(encoder, items))
+        return encode_queries(encoder, [p for p, _ in items], [t for _, t in items])
 
     async def search(xq, k, category):
         return [s.search(xq, k, category) for s in shards]
@@ -343,6 +351,8 @@ def test_app_args_convert_yaml_values_and_refuse_bad_ones():
         AppArgs.from_dict({"num_gpus": "one"})
     with pytest.raises(ValueError, match="num_gpus must be a number >= 0, got -0.5"):
         AppArgs.from_dict({"num_gpus": "-0.5"})
+    with pytest.raises(ValueError, match="max_batch_size must be int, got 2.5"):
+        AppArgs.from_dict({"max_batch_size": 2.5})  # the config parser: no number rounded
     assert AppArgs.from_dict({"num_gpus": "0.5"}).num_gpus == 0.5
 
 
@@ -498,8 +508,8 @@ def test_served_search_equals_the_library_search_in_process(server, work):
         hits = response.json()["results"]
         assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
         pixels = query_pixels(image, LIMITS, PRE)
-        xq = encode_queries(encoder, [(pixels, None)])
-        expected = local.search_documents(np.stack(xq), 5)[0]
+        xq = encode_queries(encoder, [pixels], [None])
+        expected = local.search_documents(xq, 5)[0]
         assert [h["doc_id"] for h in hits] == [e["doc_id"] for e in expected]
         np.testing.assert_allclose(
             [h["score"] for h in hits], [e["score"] for e in expected], atol=1e-4
