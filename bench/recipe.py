@@ -111,7 +111,7 @@ def evaluate(model_dir: str, catalog: dict, queries: dict, shape_size: int, weig
     learned = {
         "fused": np.concatenate(fused),
         "image_only": embed_in_process(doc, images, None, doc=True),
-        "text_only": embed_in_process(query, None, texts, doc=False),
+        "text_only": _text_only(query, texts),
     }
     xq, sd = embed_in_process(query, queries["image"], doc=False), np.concatenate(sd)
 
@@ -129,6 +129,16 @@ def evaluate(model_dir: str, catalog: dict, queries: dict, shape_size: int, weig
         w: {k: (v["recall@1"], v["recall@10"]) for k, v in at(w, ["fused", "image_only"]).items()}
         for w in weights
     }
+    return out
+
+
+def _text_only(query, texts) -> np.ndarray:
+    """Documents as their text alone through the query tower; a document without text is a
+    zero vector (it finds nothing)."""
+    has = [i for i, t in enumerate(texts) if t and t.strip()]
+    found = embed_in_process(query, None, [texts[i] for i in has], doc=False)
+    out = np.zeros((len(texts), found.shape[1]), np.float32)
+    out[has] = found
     return out
 
 

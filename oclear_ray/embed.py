@@ -99,7 +99,8 @@ class DocEmbedder:
     """``map_batches`` class: loads the document encoder once per actor on ``device``, embeds a
     batch (in half precision on a GPU: ``export.inference_autocast``) into float32 vectors.
 
-    Input: contract rows with image bytes resolved (``clean``); output: ``embedding_table``.
+    Input: contract rows with image bytes resolved (``read.prepare``); output:
+    ``embedding_table``.
     """
 
     def __init__(
@@ -183,7 +184,7 @@ def prepare_parts(embed_dir: str, model_version: str) -> tuple[pa.Array, int]:
 
 
 def drop_done(batch: pa.Table, done_ref) -> pa.Table:
-    """Rows whose ``doc_id`` is not yet embedded (before ``clean``, so they are not decoded)."""
+    """Rows whose ``doc_id`` is not yet embedded."""
     import ray
 
     done = ray.get(done_ref)
@@ -300,23 +301,21 @@ def _model_info(model_dir: str) -> tuple[str, int]:
 
 
 def _pending(catalog: str, workdir: str, out: str, version: str, format: str | None):
-    """Validate the catalog (quarantine), then prepare the parts; the clean rows not embedded
-    yet (filtered before ``clean`` so that they are not decoded), the report, the next part."""
+    """The catalog's clean rows (``read.prepare``) not embedded yet, the report, the next
+    part's number."""
     import ray
 
     from oclear_ray.contract import CATALOG
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import prepare
 
-    stem = storage.basename(catalog).split(".")[0] or "catalog"
-    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
-    report = validate(read(catalog, CATALOG, format=format), CATALOG, quarantine)
+    prepared = prepare(catalog, CATALOG, workdir, format=format)
     done, number = prepare_parts(out, version)
-    ds = read(catalog, CATALOG, format=format)
+    ds = prepared.dataset()
     if len(done):
         ds = ds.map_batches(
             drop_done, fn_kwargs={"done_ref": ray.put(done)}, batch_format="pyarrow"
         )
-    return clean(ds, CATALOG, report), report, number
+    return ds, prepared.report, number
 
 
 def embed_catalog(
@@ -328,10 +327,16 @@ def embed_catalog(
     format: str | None = None,
     progress=None,
 ) -> EmbedResult:
-    """Validate ``catalog`` (bad rows to ``WORKDIR/quarantine/``), embed the ids not embedded
-    yet into ``WORKDIR/embed/`` parts, then write ``embed.json``.
+    """Embed the ids of ``catalog``'s clean copy (``read.prepare``: bad rows to
+    ``WORKDIR/quarantine/``) not embedded yet into ``WORKDIR/embed/`` parts, then write
+    ``embed.json``.
 
-    ``progress(rows)`` is called after each part is written with the rows it holds.
+    ``progress(rows)`` is called after each part is written with the rows it holds. The parts
+    are written here, one after another, rather than by ``Dataset.write_parquet`` in the
+    workers: each is published whole and numbered in order, so a killed run leaves only whole
+    parts and its rerun embeds exactly the rows they lack (Ray's writer writes files in place,
+    so a killed write leaves partial ones); the rows are the vectors and ids only, a few hundred
+    bytes each.
     """
     config = config or EmbedConfig()
     workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory

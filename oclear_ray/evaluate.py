@@ -22,7 +22,7 @@ import datetime as dt
 import html
 import io
 import json
-import os
+import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -366,14 +366,13 @@ def _read_queries(
     sorted by id, the validation report, unlabelled rows."""
     from oclear_ray.contract import QUERIES
     from oclear_ray.embed import _actor_resources
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import prepare
 
-    stem = os.path.basename(str(queries).rstrip("/")).split(".")[0] or "queries"
-    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
-    report = validate(read(queries, QUERIES, format=format), QUERIES, quarantine)
+    prepared = prepare(queries, QUERIES, workdir, format=format)
+    report = prepared.report
     if not report.good:
-        raise ValueError(f"{queries}: no usable query rows (see {quarantine})")
-    ds = clean(read(queries, QUERIES, format=format), QUERIES, report)
+        raise ValueError(f"{queries}: no usable query rows (see {report.quarantine_path})")
+    ds = prepared.dataset()
     rate = min(1.0, 4 * config.grid_queries / report.good)
     here = report.good <= IN_PROCESS_ROWS and _actor_resources(config.pool)[1] == "cpu"
     if here:
@@ -423,13 +422,10 @@ def _embed_catalog_in_memory(catalog_path, workdir, model_dir, pool: EmbedConfig
     ``doc_ids``: the other kind of document embedding for the fusion ablation."""
     from oclear_ray.contract import CATALOG
     from oclear_ray.embed import embed_dataset, vectors_of
-    from oclear_ray.read import clean, read, validate
+    from oclear_ray.read import prepare
     from oclear_ray.search import normalize
 
-    stem = os.path.basename(str(catalog_path).rstrip("/")).split(".")[0] or "catalog"
-    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
-    report = validate(read(catalog_path, CATALOG), CATALOG, quarantine)
-    ds = clean(read(catalog_path, CATALOG), CATALOG, report)
+    ds = prepare(catalog_path, CATALOG, workdir).dataset()
     rows = embed_dataset(ds, model_dir, pool).select_columns(["doc_id", "vector"])
     table = pa.concat_tables(list(rows.iter_batches(batch_format="pyarrow", batch_size=None)))
     where = pc.index_in(pa.array(doc_ids.tolist(), pa.string()), value_set=table["doc_id"])
@@ -526,8 +522,6 @@ def evaluate(
     thumbnails and, with ``image_only_docs``, the fusion ablation. ``progress(rows)`` is told
     the queries embedded.
     """
-    import time
-
     from oclear_ray.embed import vectors_of
     from oclear_ray.search import SearchIndex, normalize
     from oclear_ray.tracking import record_evaluation
@@ -561,7 +555,7 @@ def evaluate(
         )
         t = _timed(clock, "fusion_ablation_s", t)
     rel = relevance(ann, labels, docs.labels)
-    grid = query_grid(table, docs, ann, rel, config, validation.good, catalog)
+    grid = query_grid(table, docs, ann, rel, config, validation.good, catalog, workdir)
     _timed(clock, "grid_s", t)
     report["timing_s"] = {**clock, "total_s": round(time.perf_counter() - start, 3)}
     report_dir = report_dir or storage.join(workdir, "eval")
@@ -573,56 +567,36 @@ def evaluate(
 # ---------------------------------------------------------------------------- the HTML report
 
 
-def document_images(catalog: str | None, doc_ids) -> dict:
-    """doc_id -> thumbnail PNG for ``doc_ids`` read from ``catalog`` (empty when there is no
-    catalog to read). Parquet is filtered by pyarrow directly (a few rows); other formats go
-    through the reader."""
-    from oclear_ray.read import detect_format
+def document_images(catalog: str | None, doc_ids, workdir: str) -> dict:
+    """doc_id -> thumbnail PNG for ``doc_ids``, read from ``catalog``'s clean copy in
+    ``workdir`` (``read.prepare``; embedding made it) filtered by pyarrow: a few rows. Empty
+    when there is no catalog to read."""
+    import pyarrow.dataset as pads
+
+    from oclear_ray.contract import CATALOG
+    from oclear_ray.read import prepare
 
     wanted = pa.array(sorted(set(doc_ids)), pa.string())
     if catalog is None or not len(wanted) or not storage.exists(catalog):
         return {}
-    if detect_format(catalog) == "parquet":
-        rows = _parquet_rows(catalog, wanted)
-    else:
-        rows = _reader_rows(catalog, wanted)
-    out = {}
-    for row in rows:
-        data = row.get("image")
-        if data is None and row.get("image_path"):
-            data = storage.read_bytes(row["image_path"])
-        out.setdefault(row["doc_id"], thumbnail(data))
-    return out
-
-
-def _parquet_rows(catalog: str, wanted: pa.Array) -> list[dict]:
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(catalog)
+    prepared = prepare(catalog, CATALOG, workdir)
+    if not prepared.report.good:
+        return {}
+    fs, path = storage.resolve(prepared.rows_path)
     data = pads.dataset(path, filesystem=fs, format="parquet")
-    columns = [c for c in ("doc_id", "image", "image_path") if c in data.schema.names]
-    return data.to_table(columns=columns, filter=pc.field("doc_id").isin(wanted)).to_pylist()
+    rows = data.to_table(columns=["doc_id", "image"], filter=pc.field("doc_id").isin(wanted))
+    return {r["doc_id"]: thumbnail(r["image"]) for r in rows.to_pylist()}
 
 
-def _reader_rows(catalog: str, wanted: pa.Array) -> list[dict]:
-    from oclear_ray.contract import CATALOG
-    from oclear_ray.read import read
-
-    def keep(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.is_in(batch.column("doc_id"), value_set=wanted))
-        return batch.select(["doc_id", "image", "image_path"])
-
-    return read(catalog, CATALOG).map_batches(keep, batch_format="pyarrow").take_all()
-
-
-def query_grid(table, docs: Catalog, rows, rel, config: EvalConfig, good: int, catalog):
+def query_grid(table, docs: Catalog, rows, rel, config: EvalConfig, good: int, catalog, workdir):
     """The queries shown in the report (a deterministic sample, at most ``grid_queries``) with
-    their top ``grid_k`` documents: dicts of ids, labels, relevance and thumbnails."""
+    their top ``grid_k`` documents: dicts of ids, labels, relevance and thumbnails (from
+    ``catalog``'s clean copy in ``workdir``)."""
     ids = table.column("query_id").to_pylist()
     shown = np.flatnonzero(sampled(ids, grid_rate(config, good)))[: config.grid_queries]
     k = min(config.grid_k, rows.shape[1])
     hits = rows[shown, :k]
-    images = document_images(catalog, docs.doc_ids[hits[hits >= 0]].tolist())
+    images = document_images(catalog, docs.doc_ids[hits[hits >= 0]].tolist(), workdir)
     labels, texts = table.column("label").to_pylist(), table.column("text").to_pylist()
     thumbs = table.column("thumbnail").to_pylist()
     grid = []

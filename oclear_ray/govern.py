@@ -1027,23 +1027,19 @@ def govern(
     queries: str | None = None,
     review: Review | None = None,
     progress=None,
-    validations=None,
 ) -> GovernResult:
-    """Validate the catalog (once per input in ``validations``, ``read.Validations``),
-    compute features with Ray Data, organise the classes, undo what ``review`` rejects and
-    write WORKDIR/govern/{report.json, report.md, report.html, class_map.json} (class map
-    last)."""
+    """Read the catalog's clean copy (``read.prepare``: checked once per input), compute
+    features with Ray Data, organise the classes, undo what ``review`` rejects and write
+    WORKDIR/govern/{report.json, report.md, report.html, class_map.json} (class map last)."""
     from oclear_ray import storage
     from oclear_ray.contract import CATALOG
-    from oclear_ray.read import Validations, clean, read
+    from oclear_ray.read import prepare
 
     cfg, review = config or GovernConfig(), review or Review()
     workdir = storage.absolute(workdir)  # Ray's workers do not run in this directory
     out_dir = storage.join(workdir, "govern")
-    report = (validations or Validations()).validate(
-        catalog, CATALOG, storage.join(workdir, "quarantine", "govern.parquet"), progress=progress
-    )
-    ds = clean(read(catalog, CATALOG), CATALOG, report)
+    prepared = prepare(catalog, CATALOG, workdir, progress=progress)
+    report, ds = prepared.report, prepared.dataset()
     table = content_table(ds, cfg).sort_by("doc_id")  # a rerun proposes the same decisions
     doc_ids, labels = table.column("doc_id").to_pylist(), table.column("label").to_pylist()
     model = model_vectors(ds, model_dir, doc_ids) if model_dir else None

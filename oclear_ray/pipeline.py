@@ -117,6 +117,22 @@ def _run_stage(
     return result
 
 
+@dataclass
+class _Run:
+    """What every stage of one ``run_pipeline`` call shares."""
+
+    cfg: PipelineConfig
+    workdir: str  # absolute: Ray's workers and actors run in other directories
+    data: dict  # the inputs' fingerprints
+    tick: Callable
+    log: Callable
+    results: dict = field(default_factory=dict)  # {stage: StageResult} so far
+
+    def stage(self, stage: str, inputs: dict, artifact: str, run: Callable[[], dict]):
+        self.results[stage] = _run_stage(self.cfg, stage, inputs, artifact, run, self.log)
+        return self.results[stage]
+
+
 def run_pipeline(
     cfg: PipelineConfig, *, log=lambda stage, status, info: None, progress=None
 ) -> dict:
@@ -125,55 +141,54 @@ def run_pipeline(
     ``log(stage, status, info)`` is told when a stage is skipped, starts and ends;
     ``progress(stage)``, when given, makes the callback a running stage is told its rows done
     by (govern, train, embed, evaluate; index: its shard tasks) and, for train, rank 0's Ray
-    Train reports (a dict).
+    Train reports (a dict). Each input is checked once (``read.prepare``), its clean copy in
+    WORKDIR/clean read by every stage.
     """
-    from oclear_ray.embed import embed_catalog
-    from oclear_ray.evaluate import evaluate
-    from oclear_ray.export import read_manifest
-    from oclear_ray.govern import govern
-    from oclear_ray.index import sync_index
-    from oclear_ray.read import Validations
-    from oclear_ray.train import fit
-
-    w = storage.absolute(cfg.workdir)  # Ray's workers and actors run in other directories
-    tick = progress or (lambda stage: None)
-    validations = Validations()  # governance, probes and training check each input once
     data = {
         "catalog": storage.fingerprint(cfg.catalog),
         "queries": storage.fingerprint(cfg.queries),
     }
-    results = {}
+    tick = progress or (lambda stage: None)
+    run = _Run(cfg, storage.absolute(cfg.workdir), data, tick, log)
+    class_map = _govern_stage(run) if cfg.govern is not None else RAW_LABELS
+    _train_stage(run, class_map)
+    _embed_stage(run)
+    _index_stage(run)
+    if cfg.eval_queries is not None:
+        _evaluate_stage(run)
+    return run.results
 
-    class_map = RAW_LABELS
-    if cfg.govern is not None:
-        path = storage.join(w, "govern", "class_map.json")
 
-        def run_govern() -> dict:
-            r = govern(
-                cfg.catalog,
-                w,
-                config=cfg.govern,
-                queries=cfg.queries,
-                progress=tick("govern"),
-                validations=validations,
-            )
-            choice = choose_class_map(cfg, w, r.class_map_path, validations)
-            record_choice(w, choice)
-            return {"class_map": r.class_map_path, "version": r.version, "choice": choice}
+def _govern_stage(run: _Run):
+    """Governance and the choice of labels; the class map training uses."""
+    from oclear_ray.govern import govern
 
-        inputs = {**data, "config": _asdict(cfg.govern), "mode": cfg.govern_mode}
-        if cfg.govern_mode == "auto":
-            probe = {"steps": cfg.probe_steps, "share": cfg.probe_share}
-            inputs["probe"] = {**probe, "train": cfg.train.to_dict()}
-        results["govern"] = _run_stage(cfg, "govern", inputs, path, run_govern, log)
-        if results["govern"].output["choice"]["apply"]:
-            class_map = results["govern"].output["class_map"]
-    train_inputs = {
-        **data,
-        "govern": results["govern"].key if cfg.govern is not None else None,
-        "config": cfg.train.to_dict(),
-    }
-    model_dir = storage.join(w, "train", "model")
+    cfg, w = run.cfg, run.workdir
+
+    def run_govern() -> dict:
+        r = govern(
+            cfg.catalog, w, config=cfg.govern, queries=cfg.queries, progress=run.tick("govern")
+        )
+        choice = choose_class_map(cfg, w, r.class_map_path)
+        record_choice(w, choice)
+        return {"class_map": r.class_map_path, "version": r.version, "choice": choice}
+
+    inputs = {**run.data, "config": _asdict(cfg.govern), "mode": cfg.govern_mode}
+    if cfg.govern_mode == "auto":
+        probe = {"steps": cfg.probe_steps, "share": cfg.probe_share}
+        inputs["probe"] = {**probe, "train": cfg.train.to_dict()}
+    path = storage.join(w, "govern", "class_map.json")
+    output = run.stage("govern", inputs, path, run_govern).output
+    return output["class_map"] if output["choice"]["apply"] else RAW_LABELS
+
+
+def _train_stage(run: _Run, class_map) -> None:
+    from oclear_ray.export import read_manifest
+    from oclear_ray.train import fit
+
+    cfg, w = run.cfg, run.workdir
+    governed = run.results.get("govern")
+    inputs = {**run.data, "govern": governed and governed.key, "config": cfg.train.to_dict()}
 
     def run_train() -> dict:
         # a run named after its inputs: a rerun with the same inputs resumes its checkpoints,
@@ -184,80 +199,84 @@ def run_pipeline(
             queries=cfg.queries,
             workdir=w,
             class_map=class_map,
-            name=f"train-{key_of(train_inputs)}",
-            progress=tick("train"),
-            on_report=tick("train"),
+            name=f"train-{key_of(inputs)}",
+            progress=run.tick("train"),
+            on_report=run.tick("train"),
             tracking=cfg.tracking,
-            validations=validations,
         )
         return {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
 
-    results["train"] = _run_stage(cfg, "train", train_inputs, model_dir, run_train, log)
+    run.stage("train", inputs, storage.join(w, "train", "model"), run_train)
+
+
+def _embed_stage(run: _Run) -> None:
+    from oclear_ray.embed import embed_catalog
+
+    cfg, w = run.cfg, run.workdir
 
     def run_embed() -> dict:
+        model_dir = storage.join(w, "train", "model")
         r = embed_catalog(
-            cfg.catalog, w, model_dir=model_dir, config=cfg.embed, progress=tick("embed")
+            cfg.catalog, w, model_dir=model_dir, config=cfg.embed, progress=run.tick("embed")
         )
         return {"version": r.model_version, "embedded": r.embedded}
 
-    inputs = {
-        "catalog": data["catalog"],
-        "train": results["train"].key,
-        "config": _asdict(cfg.embed),
-    }
-    embed_summary = storage.join(w, "embed", "embed.json")
-    results["embed"] = _run_stage(cfg, "embed", inputs, embed_summary, run_embed, log)
+    key = run.results["train"].key
+    inputs = {"catalog": run.data["catalog"], "train": key, "config": _asdict(cfg.embed)}
+    run.stage("embed", inputs, storage.join(w, "embed", "embed.json"), run_embed)
+
+
+def _index_stage(run: _Run) -> None:
+    from oclear_ray.index import sync_index
 
     def run_index() -> dict:
-        r = sync_index(w, cfg.index, progress=tick("index"))
+        r = sync_index(run.workdir, run.cfg.index, progress=run.tick("index"))
         return {"version": r.manifest["version"], "action": r.action, "count": r.manifest["count"]}
 
-    inputs = {"embed": results["embed"].key, "config": _asdict(cfg.index)}
-    manifest = storage.join(w, "index", "manifest.json")
-    results["index"] = _run_stage(cfg, "index", inputs, manifest, run_index, log)
+    inputs = {"embed": run.results["embed"].key, "config": _asdict(run.cfg.index)}
+    run.stage("index", inputs, storage.join(run.workdir, "index", "manifest.json"), run_index)
 
-    if cfg.eval_queries is not None:
 
-        def run_eval() -> dict:
-            report = evaluate(
-                w,
-                cfg.eval_queries,
-                config=cfg.eval,
-                catalog=cfg.catalog,
-                image_only_docs=cfg.fusion_ablation,
-                tracking=cfg.tracking,
-                progress=tick("evaluate"),
-            )
-            out = {k: report[k] for k in ("recall@1", "recall@10", "map@r", "n_queries")}
-            if "fusion_ablation" in report:
-                out["fusion_ablation_recall@1"] = {
-                    k: report["fusion_ablation"][k]["recall@1"] for k in ("fused", "image_only")
-                }
-            return out
+def _evaluate_stage(run: _Run) -> None:
+    from oclear_ray.evaluate import evaluate
 
-        inputs = {
-            "queries": storage.fingerprint(cfg.eval_queries),
-            "index": results["index"].key,
-            "config": _asdict(cfg.eval),
-            "fusion_ablation": cfg.fusion_ablation,
-        }
-        report = storage.join(w, "eval", "report.json")
-        results["evaluate"] = _run_stage(cfg, "evaluate", inputs, report, run_eval, log)
-    return results
+    cfg = run.cfg
+
+    def run_eval() -> dict:
+        report = evaluate(
+            run.workdir,
+            cfg.eval_queries,
+            config=cfg.eval,
+            catalog=cfg.catalog,
+            image_only_docs=cfg.fusion_ablation,
+            tracking=cfg.tracking,
+            progress=run.tick("evaluate"),
+        )
+        out = {k: report[k] for k in ("recall@1", "recall@10", "map@r", "n_queries")}
+        if "fusion_ablation" in report:
+            out["fusion_ablation_recall@1"] = {
+                k: report["fusion_ablation"][k]["recall@1"] for k in ("fused", "image_only")
+            }
+        return out
+
+    inputs = {
+        "queries": storage.fingerprint(cfg.eval_queries),
+        "index": run.results["index"].key,
+        "config": _asdict(cfg.eval),
+        "fusion_ablation": cfg.fusion_ablation,
+    }
+    run.stage("evaluate", inputs, storage.join(run.workdir, "eval", "report.json"), run_eval)
 
 
 # --------------------------------------------------------------------------- govern mode
 
 
-def choose_class_map(
-    cfg: PipelineConfig, workdir: str, class_map_path: str, validations=None
-) -> dict:
+def choose_class_map(cfg: PipelineConfig, workdir: str, class_map_path: str) -> dict:
     """Whether training applies the proposed class map, and why (with the figures of ``auto``).
 
     ``auto`` applies it only when it changes some label (a merge, split, relabel or drop: the
     sampling weights alone are not worth a probe) and the probe trained on it scores a higher
-    validation R@1 than the one trained on the raw labels; a tie keeps the raw labels. The
-    probes validate their inputs through ``validations`` (``read.Validations``).
+    validation R@1 than the one trained on the raw labels; a tie keeps the raw labels.
     """
     from oclear_ray.classmap import load_class_map
 
@@ -270,7 +289,7 @@ def choose_class_map(
         return {**choice, "reason": "the proposed class map changes no label"}
     if cfg.queries is None:
         return {**choice, "reason": "no training queries to validate the class map on"}
-    figures = probe(cfg, workdir, class_map, validations)
+    figures = probe(cfg, workdir, class_map)
     if figures is None:
         return {**choice, "reason": "too few training-query classes to hold some out"}
     apply = figures["governed"]["recall@1"] > figures["raw"]["recall@1"]
@@ -294,38 +313,21 @@ def record_choice(workdir: str, choice: dict) -> None:
     storage.write_bytes(md, storage.read_bytes(md) + (line + "\n").encode())
 
 
-def _clean_table(path: str, contract, workdir: str, validations):
-    """A small input's clean rows (image bytes resolved) as one arrow table."""
-    import os
-
-    import pyarrow as pa
-    import ray
-
-    from oclear_ray.read import clean, read
-
-    stem = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
-    quarantine = storage.join(workdir, "quarantine", f"{stem}.parquet")
-    report = validations.validate(path, contract, quarantine)
-    tables = ray.get(clean(read(path, contract), contract, report).to_arrow_refs())
-    return pa.concat_tables([t for t in tables if t.num_rows], promote_options="default")
-
-
-def probe(cfg: PipelineConfig, workdir: str, class_map: dict, validations=None) -> dict | None:
+def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
     """Validation R@1 of two short trainings (``probe_steps``), on the raw labels and on
     ``class_map``: ``probe_share`` of the training queries' classes (by a hash of the label)
     are held out, the rest train; a held-out photo finds a document of its class (the class
     map's classes for both, so that both are scored alike) among the whole catalog. None when
-    the split leaves no class on one side. Inputs are validated through ``validations``
-    (``read.Validations``): once for both probes, and for the pipeline's own training."""
+    the split leaves no class on one side. The probes read the pipeline's clean copies of its
+    inputs (WORKDIR/clean, ``read.prepare``)."""
     import pyarrow.compute as pc
 
     from oclear_ray.contract import CATALOG, QUERIES
-    from oclear_ray.read import Validations
+    from oclear_ray.read import prepare
     from oclear_ray.train import fit
 
-    validations = validations or Validations()
-    probe_dir = storage.join(workdir, "govern", "probe")
-    queries = _clean_table(cfg.queries, QUERIES, probe_dir, validations)
+    probe_dir, cache = storage.join(workdir, "govern", "probe"), storage.join(workdir, "clean")
+    queries = prepare(cfg.queries, QUERIES, probe_dir, cache=cache).table()
     labels = queries.column("label").to_pylist()
     cut = int(cfg.probe_share * 1000)
     held = [bool(v) and zlib.crc32(str(v).encode()) % 1000 < cut for v in labels]
@@ -336,7 +338,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict, validations=None) 
         return None
     train_path = storage.join(probe_dir, "train_queries.parquet")
     storage.write_parquet(train_path, [train_queries], train_queries.schema)
-    docs = _clean_table(cfg.catalog, CATALOG, probe_dir, validations)
+    docs = prepare(cfg.catalog, CATALOG, probe_dir, cache=cache).table()
     steps = min(cfg.probe_steps, cfg.train.total_steps)
     train = cfg.train.with_total_steps(steps)
     train = dataclasses.replace(train, run=dataclasses.replace(train.run, max_minutes=None))
@@ -349,7 +351,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict, validations=None) 
             workdir=storage.join(probe_dir, arm),
             class_map=labels_used,
             name=f"probe-{arm}-{key_of({'map': class_map['version'], 'steps': steps})}",
-            validations=validations,
+            cache=cache,
         )
         out[arm] = validation_recall(result.model_dir, docs, val, class_map)
     return out

@@ -1,18 +1,20 @@
 """Readers: parquet, a folder of images with a JSONL/CSV manifest, webdataset tar shards.
 
 Each returns a Ray Dataset in the data contract (``oclear_ray.contract``), checking the schema
-before any work starts. ``validate`` runs the row checks through Ray Data, writes the bad rows
-to a quarantine parquet with their reason, and counts everything; ``Validations`` does it once
-per input for a run that reads the same input several times.
+before any work starts. ``prepare`` reads an input once for every stage: it runs the row checks
+through Ray Data, writes the bad rows to a quarantine parquet with their reason, counts
+everything, and keeps the good rows (image bytes resolved) as parquet in the work directory,
+keyed by the input's fingerprint, for every later stage to read.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import os
+import uuid
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +40,7 @@ from oclear_ray.contract import (
 )
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "metadata.jsonl", "metadata.csv")
+_BLOCK_ROWS = 256  # rows per check task (and per block of a manifest's rows)
 
 
 def detect_format(path: str) -> str:
@@ -152,8 +155,13 @@ def read_manifest(path: str, contract: Contract):
         paths = [_absolute(p, root) for p in table.column("image_path").to_pylist()]
         i = table.schema.get_field_index("image_path")
         table = table.set_column(i, "image_path", pa.array(paths, pa.string()))
-    table = table.append_column(ROW_HASH, pa.array(range(table.num_rows), pa.uint64()))
-    return ray.data.from_arrow(conform(table, contract))
+    table = conform(
+        table.append_column(ROW_HASH, pa.array(range(table.num_rows), pa.uint64())), contract
+    )
+    # blocks of a few hundred rows, so that Ray Data tasks fetch the images in parallel
+    return ray.data.from_arrow(
+        [table.slice(i, _BLOCK_ROWS) for i in range(0, max(1, table.num_rows), _BLOCK_ROWS)]
+    )
 
 
 def _from_webdataset(batch: pa.Table, contract: Contract) -> pa.Table:
@@ -242,12 +250,11 @@ class ValidationReport:
         }
 
 
-def _check_for_report(batch: pa.Table, contract: Contract, limits: Limits) -> pa.Table:
-    """Row checks, dropping the image bytes of good rows: only bad rows are kept whole."""
-    checked = check_rows(batch, contract, limits)
-    i = checked.schema.get_field_index("image")
-    image = pc.if_else(good_mask(checked), pa.scalar(None, pa.binary()), checked.column(i))
-    return checked.set_column(i, "image", image)
+def _null_good_images(batch: pa.Table) -> pa.Table:
+    """The image bytes of good rows dropped: only bad rows travel whole to the driver."""
+    i = batch.schema.get_field_index("image")
+    image = pc.if_else(good_mask(batch), pa.scalar(None, pa.binary()), batch.column(i))
+    return batch.set_column(i, "image", image)
 
 
 def _mark_duplicates(batch: pa.Table, id_column: str, seen: dict, report) -> pa.Table:
@@ -268,33 +275,14 @@ def _mark_duplicates(batch: pa.Table, id_column: str, seen: dict, report) -> pa.
     )
 
 
-def validate(
-    ds,
-    contract: Contract,
-    quarantine_path: str,
-    *,
-    limits: Limits | None = None,
-    batch_size: int = 256,
-    progress=None,
-) -> ValidationReport:
-    """Check every row through Ray Data; write bad rows with their reason to quarantine.
-
-    Rows are checked in parallel by Ray Data tasks; the driver sees them in read order (so the
-    first of several rows with one id is the one kept) without the image bytes of good rows.
-    ``progress(n)`` is called with the number of rows done after each batch.
-    """
-    limits = limits or Limits()
-    ds.context.execution_options.preserve_order = True
-    checked = ds.map_batches(
-        _check_for_report,
-        fn_kwargs={"contract": contract, "limits": limits},
-        batch_format="pyarrow",
-        batch_size=batch_size,
-    )
+def _judge(checked, contract: Contract, quarantine_path: str, progress=None) -> ValidationReport:
+    """Count the checked rows in read order (so the first of several rows with one id is the
+    one kept), writing the bad ones with their reason to ``quarantine_path``."""
     report = ValidationReport(kind=contract.kind, quarantine_path=str(quarantine_path))
     seen: dict = {}
     sink = storage.ParquetSink(quarantine_path)
-    for batch in checked.iter_batches(batch_format="pyarrow", batch_size=None):
+    rows = checked.map_batches(_null_good_images, batch_format="pyarrow")
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
         batch = _mark_duplicates(batch, contract.id_column, seen, report)
         bad = pc.invert(good_mask(batch))
         sink.write(_drop_internal(batch.filter(bad)))
@@ -311,44 +299,126 @@ def validate(
     return report
 
 
-class Validations:
-    """The validation reports of one run's inputs, so that a run reading an input more than
-    once (a pipeline's governance, probe trainings and training) checks its rows once.
+def _kept_rows(batch: pa.Table, id_column: str, kept: dict) -> pa.Table:
+    """The good rows, and of a duplicated id only the row ``_judge`` kept; internal columns
+    dropped. Readers give every row a ``row_hash`` (source and position), so exactly one of
+    several rows with one id passes, even when their contents are identical."""
+    ids = batch.column(id_column).to_pylist()
+    prints = batch.column(FINGERPRINT).to_pylist()
+    keep = [
+        ok and (row_id not in kept or kept[row_id] == fp)
+        for ok, row_id, fp in zip(good_mask(batch).to_pylist(), ids, prints, strict=True)
+    ]
+    return _drop_internal(batch.filter(pa.array(keep)).drop_columns([REASON]))
 
-    A report is reused for the same path, contract, format and limits while the input's
-    ``storage.fingerprint`` (file names, sizes, modification times) is unchanged; its bad rows
-    are copied to the quarantine path the repeat names, so every caller leaves the quarantine
-    file and gets the report that its own validation would have given.
+
+@dataclass
+class Prepared:
+    """A validated input: its good rows as parquet in the work directory, and the report."""
+
+    rows_path: str
+    report: ValidationReport
+
+    def dataset(self):
+        """The good rows as a Ray Dataset (image bytes resolved, nothing left to check)."""
+        import ray.data
+
+        if not self.report.good:
+            raise ValueError(
+                f"no usable {self.report.kind} rows (see {self.report.quarantine_path})"
+            )
+        fs, path = storage.resolve(self.rows_path)
+        return ray.data.read_parquet(path, filesystem=fs)
+
+    def table(self) -> pa.Table:
+        """The good rows of a small input as one arrow table."""
+        import ray
+
+        tables = ray.get(self.dataset().to_arrow_refs())
+        return pa.concat_tables([t for t in tables if t.num_rows], promote_options="default")
+
+
+def quarantine_for(path: str, contract: Contract, workdir: str) -> str:
+    """Where an input's bad rows go: ``WORKDIR/quarantine/<input name>.parquet``."""
+    stem = storage.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
+    return storage.join(workdir, "quarantine", f"{stem}.parquet")
+
+
+def prepare(
+    path: str,
+    contract: Contract,
+    workdir: str,
+    *,
+    format: str | None = None,
+    limits: Limits | None = None,
+    quarantine: str | None = None,
+    cache: str | None = None,
+    progress=None,
+) -> Prepared:
+    """Read and check ``path`` once: its good rows go to parquet under ``cache`` (default
+    ``WORKDIR/clean``), its bad rows with their reason to ``quarantine`` (default
+    ``quarantine_for``), and every later stage reads the good rows from there.
+
+    The rows are checked (every image decoded) once, by Ray Data tasks that also fetch
+    ``image_path`` images, and kept in the object store until they are written by Ray Data. The
+    copy is keyed by the input's ``storage.fingerprint`` (file names, sizes, modification
+    times), format and limits: a call on an unchanged input reads the report and the copy, and
+    copies the quarantine file to where it was asked for (``progress`` is then told all its
+    rows at once); a changed input is checked again. A report written last marks a copy whole.
     """
-
-    def __init__(self):
-        self._done: dict[tuple, ValidationReport] = {}
-
-    def validate(
-        self,
-        path: str,
-        contract: Contract,
-        quarantine_path: str,
-        *,
-        format: str | None = None,
-        limits: Limits | None = None,
-        progress=None,
-    ) -> ValidationReport:
-        """``validate(read(path, contract, format=format), ...)``, or the report of an earlier
-        call on the unchanged input (``progress`` is then told all its rows at once)."""
-        limits = limits or Limits()
-        key = (storage.absolute(path), storage.fingerprint(path), contract.kind, format, limits)
-        first = self._done.get(key)
-        if first is None:
-            ds = read(path, contract, format=format)
-            report = validate(ds, contract, quarantine_path, limits=limits, progress=progress)
-            self._done[key] = copy.deepcopy(report)
-            return report
-        if storage.absolute(quarantine_path) != storage.absolute(first.quarantine_path):
-            storage.copy_file(first.quarantine_path, quarantine_path)
+    limits, workdir = limits or Limits(), storage.absolute(workdir)
+    fmt = format or detect_format(path)
+    quarantine = quarantine or quarantine_for(path, contract, workdir)
+    source = [storage.absolute(path), storage.fingerprint(path), contract.kind, fmt]
+    key = hashlib.sha256(json.dumps([*source, asdict(limits)]).encode()).hexdigest()[:16]
+    home = storage.join(cache or storage.join(workdir, "clean"), f"{contract.kind}-{key}")
+    done = storage.join(home, "report.json")
+    if storage.exists(done):
+        saved = json.loads(storage.read_bytes(done))
+        storage.copy_file(storage.join(home, "quarantine.parquet"), quarantine)
         if progress is not None:
-            progress(first.rows)
-        return replace(copy.deepcopy(first), quarantine_path=str(quarantine_path))
+            progress(saved["report"]["rows"])
+        report = replace(_report_of(saved["report"]), quarantine_path=str(quarantine))
+        return Prepared(storage.join(home, saved["rows"]), report)
+    ds = read(path, contract, format=fmt)
+    ds.context.execution_options.preserve_order = True
+    checked = ds.map_batches(
+        check_rows,
+        fn_kwargs={"contract": contract, "limits": limits},
+        batch_format="pyarrow",
+        batch_size=_BLOCK_ROWS,
+    ).materialize()
+    report = _judge(checked, contract, storage.join(home, "quarantine.parquet"), progress)
+    rows = f"rows-{uuid.uuid4().hex[:8]}"  # a copy cut short by a crash is never read
+    fs, rows_path = storage.resolve(storage.join(home, rows))
+    kwargs = {"id_column": contract.id_column, "kept": report.kept_duplicates}
+    if report.good:
+        kept = checked.map_batches(_kept_rows, fn_kwargs=kwargs, batch_format="pyarrow")
+        kept.write_parquet(rows_path, filesystem=fs)
+    saved = {"source": source, "rows": rows, "report": _saved(report)}
+    storage.write_bytes(done, json.dumps(saved).encode())
+    storage.copy_file(report.quarantine_path, quarantine)
+    return Prepared(storage.join(home, rows), replace(report, quarantine_path=str(quarantine)))
+
+
+def _saved(report: ValidationReport) -> dict:
+    return {
+        **report.to_dict(),
+        "label_set": sorted(report.label_set),
+        "kept_duplicates": report.kept_duplicates,
+    }
+
+
+def _report_of(saved: dict) -> ValidationReport:
+    return ValidationReport(
+        kind=saved["kind"],
+        rows=saved["rows"],
+        good=saved["good"],
+        reasons=Counter(saved["reasons"]),
+        quarantine_path=saved["quarantine_path"],
+        label_set=set(saved["label_set"]),
+        kept_duplicates=saved["kept_duplicates"],
+    )
 
 
 def _drop_internal(table: pa.Table) -> pa.Table:
@@ -396,7 +466,8 @@ def validate_source(
     limits: Limits | None = None,
     progress=None,
 ) -> ValidationReport:
-    """Read ``path`` with the right reader and validate it (the ``validate`` stage)."""
+    """Read ``path`` with the right reader and ``prepare`` it (the ``validate`` stage: the
+    stages after it read its clean copy)."""
     fmt = format or detect_format(path)
     if kind == "auto":
         contract = detect_contract(path, fmt)
@@ -404,30 +475,13 @@ def validate_source(
         contract = CONTRACTS[kind]
     else:
         raise ValueError(f"unknown kind {kind!r}; choose catalog, queries or auto")
-    stem = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
-    quarantine = quarantine or storage.join(workdir, "quarantine", f"{stem}.parquet")
-    ds = read(path, contract, format=fmt)
-    return validate(ds, contract, quarantine, limits=limits, progress=progress)
-
-
-def _keep_good(batch: pa.Table, contract: Contract, limits: Limits, kept: dict) -> pa.Table:
-    """Row checks; keep good rows, and of a duplicated id only the row ``validate`` kept."""
-    checked = check_rows(batch, contract, limits)
-    mask = good_mask(checked).to_pylist()
-    ids = checked.column(contract.id_column).to_pylist()
-    prints = checked.column(FINGERPRINT).to_pylist()
-    keep = [
-        ok and (row_id not in kept or kept[row_id] == fp)
-        for ok, row_id, fp in zip(mask, ids, prints, strict=True)
-    ]
-    return _drop_internal(checked.filter(pa.array(keep)).drop_columns([REASON]))
-
-
-def clean(ds, contract: Contract, report: ValidationReport, *, limits: Limits | None = None):
-    """The good rows of ``ds`` as ``validate`` judged them, image bytes resolved.
-
-    Readers give every row a ``row_hash`` (source and position), so of several rows with
-    one id exactly the one ``validate`` kept passes, even when their contents are identical.
-    """
-    kwargs = {"contract": contract, "limits": limits or Limits(), "kept": report.kept_duplicates}
-    return ds.map_batches(_keep_good, fn_kwargs=kwargs, batch_format="pyarrow")
+    prepared = prepare(
+        path,
+        contract,
+        workdir,
+        format=fmt,
+        limits=limits,
+        quarantine=quarantine,
+        progress=progress,
+    )
+    return prepared.report

@@ -13,7 +13,6 @@ it.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -239,6 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from oclear_ray.tracking import RunRef
+
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.run.threads_per_worker)
     device = ray.train.torch.get_device()
@@ -255,11 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
     queries = _forever(shard, cfg.data.query_batch_size, "queries", device) if shard else None
     window = None  # (start, seconds): the schedule's time runs from the first batch
     rank0 = ray.train.get_context().get_world_rank() == 0
-    tracked = None
-    if rank0 and config.get("tracking"):
-        from oclear_ray.tracking import RunRef
-
-        tracked = RunRef(**config["tracking"])
+    tracked = RunRef(**config["tracking"]) if rank0 and config.get("tracking") else None
     clock = {"wait": 0.0, "total": 0.0, "samples": 0, "run_wait": 0.0, "run_total": 0.0}
     clock["run_samples"] = 0
     while by_time or step < cfg.total_steps:
@@ -386,16 +383,13 @@ class TrainResult:
     class_map_version: str | None = None
 
 
-def _validated(path: str, contract, workdir: str, validations, progress=None):
-    """Read, validate (quarantining bad rows; once per input in ``validations``) and return
-    the clean dataset and its report."""
-    from oclear_ray import storage
-    from oclear_ray.read import clean, read
+def _validated(path: str, contract, workdir: str, cache: str | None, progress=None):
+    """The clean dataset of ``path`` (``read.prepare``: checked once, bad rows quarantined
+    under ``workdir``) and its report."""
+    from oclear_ray.read import prepare
 
-    name = os.path.basename(str(path).rstrip("/")).split(".")[0] or contract.kind
-    quarantine = storage.join(workdir, "quarantine", f"{name}.parquet")
-    report = validations.validate(path, contract, quarantine, progress=progress)
-    return clean(read(path, contract), contract, report), report
+    prepared = prepare(path, contract, workdir, cache=cache, progress=progress)
+    return prepared.dataset(), prepared.report
 
 
 def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
@@ -451,51 +445,25 @@ def fit(
     progress=None,
     on_report=None,
     tracking=None,
-    validations=None,
+    cache: str | None = None,
 ) -> TrainResult:
     """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model;
     with ``tracking`` (``tracking.Tracking``), one MLflow run holds the resolved config and
     rank 0's metrics; ``on_report(metrics)`` is told rank 0's reports in this process as it
-    trains. ``validations`` (``read.Validations``, shared by the trainings of one pipeline run)
-    validates each input once; without it the inputs are validated here."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    trains. The inputs' clean copies (``read.prepare``) live in ``cache`` (default
+    WORKDIR/clean: a pipeline's probe trainings share the pipeline's)."""
     from oclear_ray import storage
-    from oclear_ray.classmap import find_class_map, raw_class_map
-    from oclear_ray.contract import CATALOG, QUERIES
     from oclear_ray.export import read_manifest
     from oclear_ray.model import resolve_pretrained
-    from oclear_ray.read import Validations
     from oclear_ray.runtime import forward_reports
     from oclear_ray.tracking import start_run
 
     deadline = time.time() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     cfg = replace(cfg, model=resolve_pretrained(cfg.model))  # before any data or worker
     workdir = storage.absolute(workdir)  # Ray Train's workers do not run in this directory
-    validations = validations or Validations()
-    docs, doc_report = _validated(catalog, CATALOG, workdir, validations, progress)
-    q_ds, q_report = (
-        _validated(queries, QUERIES, workdir, validations, progress) if queries else (None, None)
-    )
-    class_map = find_class_map(class_map, workdir) or raw_class_map(
-        doc_report.label_set | (q_report.label_set if q_report else set())
-    )
-    if not class_map["labels"]:
-        raise ValueError(f"no labelled documents in {catalog}: training needs a label column")
     train_dir = storage.join(workdir, "train")
-    tokenizer_path = _tokenizer(train_dir, docs, cfg)
-    vocab = _vocab_size(tokenizer_path)
-    cfg = replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, vocab_size=vocab)))
-    datasets = {
-        "docs": _pipeline(
-            docs, view="doc", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
-        )
-    }
-    if q_ds is not None:
-        datasets["queries"] = _pipeline(
-            q_ds, view="query", cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path
-        )
+    data = _training_data(cfg, catalog, queries, workdir, class_map, cache, progress)
+    cfg, class_map = data.cfg, data.class_map
     model_dir = storage.absolute(storage.join(train_dir, "model"))
     inputs = {"catalog": catalog, "queries": queries, "workdir": workdir, "name": name}
     inputs |= {"class_map": class_map["version"], "num_classes": class_map["num_classes"]}
@@ -504,37 +472,9 @@ def fit(
         start_run(tracking, "train", params=params) as run,
         forward_reports(on_report) as callbacks,
     ):
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "train": cfg.to_dict(),
-                "num_classes": class_map["num_classes"],
-                "has_queries": q_ds is not None,
-                "tokenizer_path": tokenizer_path,
-                "model_dir": model_dir,
-                "deadline": deadline,
-                "tracking": run and {"uri": run.uri, "run_id": run.run_id},
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.run.workers,
-                use_gpu=cfg.run.use_gpu,
-                resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=storage.absolute(storage.join(train_dir, "runs")),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=callbacks,
-            ),
-            datasets=datasets,
-        )
-        result = trainer.fit()
+        result = _trainer(cfg, data, name, run, callbacks, train_dir, deadline).fit()
         if run is not None:
             run.set_tags({"model_version": read_manifest(model_dir)["model_version"]})
-    quarantined = {"catalog": doc_report.quarantined}
-    if q_report:
-        quarantined["queries"] = q_report.quarantined
     storage.write_bytes(
         storage.join(model_dir, "class_map.json"), json.dumps(class_map, sort_keys=True).encode()
     )
@@ -543,9 +483,84 @@ def fit(
         class_map["num_classes"],
         (result.metrics or {}).get("step", cfg.total_steps),
         result.metrics,
-        quarantined,
+        data.quarantined,
         class_map_version=class_map["version"],
     )
+
+
+def _trainer(cfg, data, name, run, callbacks, train_dir, deadline):
+    """The Ray Train ``TorchTrainer`` of one training: its run named ``name`` under
+    WORKDIR/train/runs (a rerun with the same name resumes from its checkpoints)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from oclear_ray import storage
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "num_classes": data.class_map["num_classes"],
+            "has_queries": "queries" in data.datasets,
+            "tokenizer_path": data.tokenizer_path,
+            "model_dir": storage.absolute(storage.join(train_dir, "model")),
+            "deadline": deadline,
+            "tracking": run and {"uri": run.uri, "run_id": run.run_id},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage.absolute(storage.join(train_dir, "runs")),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=data.datasets,
+    )
+
+
+@dataclass
+class _TrainingData:
+    cfg: TrainConfig  # with the tokenizer's vocabulary size
+    class_map: dict
+    tokenizer_path: str
+    datasets: dict  # "docs" and, with query photos, "queries"
+    quarantined: dict  # rows quarantined per input
+
+
+def _training_data(cfg, catalog, queries, workdir, class_map, cache, progress) -> _TrainingData:
+    """The clean inputs, the class map (found, or the raw labels), the tokenizer and the
+    per-epoch pipelines of documents and query photos."""
+    from oclear_ray import storage
+    from oclear_ray.classmap import find_class_map, raw_class_map
+    from oclear_ray.contract import CATALOG, QUERIES
+
+    docs, doc_report = _validated(catalog, CATALOG, workdir, cache, progress)
+    q_ds, q_report = (
+        _validated(queries, QUERIES, workdir, cache, progress) if queries else (None, None)
+    )
+    class_map = find_class_map(class_map, workdir) or raw_class_map(
+        doc_report.label_set | (q_report.label_set if q_report else set())
+    )
+    if not class_map["labels"]:
+        raise ValueError(f"no labelled documents in {catalog}: training needs a label column")
+    tokenizer_path = _tokenizer(storage.join(workdir, "train"), docs, cfg)
+    vocab = _vocab_size(tokenizer_path)
+    cfg = replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, vocab_size=vocab)))
+    views = {"docs": ("doc", docs), "queries": ("query", q_ds)}
+    datasets = {
+        name: _pipeline(ds, view=view, cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path)
+        for name, (view, ds) in views.items()
+        if ds is not None
+    }
+    quarantined = {"catalog": doc_report.quarantined}
+    if q_report:
+        quarantined["queries"] = q_report.quarantined
+    return _TrainingData(cfg, class_map, tokenizer_path, datasets, quarantined)
 
 
 def _tokenizer(train_dir: str, docs, cfg: TrainConfig) -> str:

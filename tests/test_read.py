@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from oclear_ray.cli import app
 from oclear_ray.contract import CATALOG, QUERIES, SchemaError
-from oclear_ray.read import Validations, detect_format, read, validate, validate_source
+from oclear_ray.read import detect_format, prepare, read, validate_source
 from tests.conftest import jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.ray
@@ -54,27 +54,33 @@ def test_bad_rows_quarantined_good_rows_kept(ray_cluster, tmp_path):
     assert report.labels == 4
 
 
-def test_validations_check_an_input_once_until_it_changes(ray_cluster, tmp_path, monkeypatch):
+def test_prepare_checks_an_input_once_until_it_changes(ray_cluster, tmp_path, monkeypatch):
     """A repeat on the unchanged input gets the first report and its own copy of the
-    quarantine file, with no pass over the rows; a rewritten input is checked again."""
+    quarantine file, with no pass over the rows (no image decoded); a rewritten input is
+    checked again."""
     import oclear_ray.read as read_module
 
     images = [png_bytes(color=(i * 20, 0, 0)) for i in range(6)]
     images[2] = b"\x89PNG garbage"
     path = str(tmp_path / "c.parquet")
     write_catalog(path, [f"d{i}" for i in range(6)], images)
-    validations = Validations()
-    first = validations.validate(path, CATALOG, str(tmp_path / "a.parquet"))
-    passes, real = [], read_module.validate
-    monkeypatch.setattr(read_module, "validate", lambda *a, **k: passes.append(1) or real(*a, **k))
+    work = str(tmp_path / "w")
+    first = prepare(path, CATALOG, work, quarantine=str(tmp_path / "a.parquet"))
+    passes, real = [], read_module.read
+    monkeypatch.setattr(read_module, "read", lambda *a, **k: passes.append(1) or real(*a, **k))
     rows = []
-    again = validations.validate(path, CATALOG, str(tmp_path / "b.parquet"), progress=rows.append)
-    assert passes == [] and rows == [6] and (first.rows, first.good) == (6, 5)
-    assert again == replace(first, quarantine_path=str(tmp_path / "b.parquet"))
+    again = prepare(
+        path, CATALOG, work, quarantine=str(tmp_path / "b.parquet"), progress=rows.append
+    )
+    assert passes == [] and rows == [6] and (first.report.rows, first.report.good) == (6, 5)
+    assert again.report == replace(first.report, quarantine_path=str(tmp_path / "b.parquet"))
+    assert again.rows_path == first.rows_path
     assert pq.read_table(tmp_path / "b.parquet") == pq.read_table(tmp_path / "a.parquet")
+    assert sorted(r["doc_id"] for r in again.dataset().take_all()) == ["d0", "d1", "d3", "d4", "d5"]
     write_catalog(path, [f"d{i}" for i in range(5)], images[:5])
-    changed = validations.validate(path, CATALOG, str(tmp_path / "c2.parquet"))
-    assert passes == [1] and changed.rows == 5
+    changed = prepare(path, CATALOG, work, quarantine=str(tmp_path / "c2.parquet"))
+    assert passes == [1] and changed.report.rows == 5
+    assert changed.rows_path != first.rows_path and changed.dataset().count() == 4
 
 
 def test_missing_doc_id_column_fails_before_work(ray_cluster, tmp_path):
@@ -94,7 +100,7 @@ def test_parquet_with_image_paths_and_folder(ray_cluster, tmp_path):
         paths = [str(tmp_path / "img" / f"{i}.jpg") for i in range(3)]
         pq.write_table(pa.table({"doc_id": ids, "image_path": paths}), part / f"{k}.parquet")
     assert detect_format(str(part)) == "parquet"
-    report = validate(read(str(part), CATALOG), CATALOG, str(tmp_path / "q.parquet"))
+    report = prepare(str(part), CATALOG, str(tmp_path)).report
     assert (report.rows, report.good) == (6, 6)
     rows = read(str(part), CATALOG).take_all()
     assert sorted(r["doc_id"] for r in rows) == ["p00", "p01", "p02", "p10", "p11", "p12"]
@@ -120,7 +126,7 @@ def test_manifest_folder(ray_cluster, tmp_path, kind):
     rows = sorted(ds.take_all(), key=lambda r: r["doc_id"])
     assert [r["doc_id"] for r in rows] == ["100", "101", "102", "103", "200"]
     assert rows[0]["image_path"] == str(tmp_path / "images" / "0.png")
-    report = validate(ds, CATALOG, str(tmp_path / "q.parquet"))
+    report = prepare(str(tmp_path), CATALOG, str(tmp_path / "w")).report
     assert (report.good, report.quarantined) == (4, 1)
     assert list(report.reasons) == ["unreadable image_path"]
 
@@ -156,7 +162,7 @@ def test_webdataset_shards(ray_cluster, tmp_path):
     assert rows[1]["text"] == "caption 1" and rows[1]["label"] == "c1"
     assert rows[4]["url"] == "http://example.com/4.jpg"
     assert rows[0]["image"][:2] == b"\xff\xd8"
-    report = validate(read(str(tmp_path / "00000.tar"), CATALOG), CATALOG, str(tmp_path / "q.pq"))
+    report = prepare(str(tmp_path / "00000.tar"), CATALOG, str(tmp_path / "w")).report
     assert (report.rows, report.good) == (3, 3)
 
 
@@ -194,16 +200,15 @@ def test_read_checks_contract_of_queries(ray_cluster, tmp_path):
         read(str(tmp_path / "q.parquet"), QUERIES)
 
 
-def test_clean_keeps_exactly_the_rows_validate_kept(ray_cluster, tmp_path):
+def test_prepare_keeps_exactly_the_rows_it_judged_good(ray_cluster, tmp_path):
     img = png_bytes()
     ids = ["a", "b", "a", "c", "b", "d"]  # "a" copied exactly; "b" twice with other content
     images = [img, img, img, b"junk", png_bytes(color=(1, 2, 3)), img]
     write_catalog(tmp_path / "c.parquet", ids, images, row_group_size=2)
-    from oclear_ray.read import clean
-
-    ds = read(str(tmp_path / "c.parquet"), CATALOG)
-    report = validate(ds, CATALOG, str(tmp_path / "q.parquet"))
+    prepared = prepare(str(tmp_path / "c.parquet"), CATALOG, str(tmp_path / "w"))
+    report = prepared.report
     assert (report.good, report.reasons["duplicate doc_id"]) == (3, 2)
-    rows = clean(read(str(tmp_path / "c.parquet"), CATALOG), CATALOG, report).take_all()
+    rows = prepared.dataset().take_all()
     assert sorted((r["doc_id"], r["price"]) for r in rows) == [("a", 0), ("b", 1), ("d", 5)]
     assert "reason" not in rows[0] and "row_hash" not in rows[0]
+    assert "fingerprint" not in rows[0]
