@@ -6,6 +6,9 @@ autoscaling, and one deployment per FAISS shard.
       -> IndexShard{i}.search  (one deployment per shard of the manifest, queried concurrently)
       -> merge top-k, join document metadata
 
+The HTTP API, the query checks, the batcher and the shard searcher deployed here are the
+library's ``oclear_ray.serve`` (no Ray there).
+
 ``build_app(args)`` is the Serve app builder (``serve run serve.app:build_app workdir=W``,
 ``serve deploy serve/config.yaml``, ``oclear serve --workdir W``). It refuses a model and an
 index of different model versions; each deployment checks again when it loads.
@@ -33,8 +36,19 @@ from oclear_ray.contract import Limits
 from oclear_ray.evaluate import QueryEmbedder
 from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import bounded, check_bounds
-from oclear_ray.serve import Paths, ShardSearcher, Thumbnails, check_versions, embedded_catalog
-from serve.api import Query, QueryBatcher, SearchService, Uncounted, build_api, search_batch
+from oclear_ray.serve import (
+    Paths,
+    Query,
+    QueryBatcher,
+    SearchService,
+    ShardSearcher,
+    Thumbnails,
+    Uncounted,
+    build_api,
+    check_versions,
+    embedded_catalog,
+    search_batch,
+)
 
 log = logging.getLogger("ray.serve")
 

@@ -33,19 +33,23 @@ from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import SearchIndex, load_documents, read_manifest
 from oclear_ray.serve import (
     Paths,
+    Query,
+    QueryBatcher,
     QueryError,
+    SearchService,
     ShardSearcher,
     Thumbnails,
     VersionMismatch,
+    build_api,
     check_versions,
     decodes_quickly,
     embedded_catalog,
     open_query_image,
     parse_k,
     query_pixels,
+    search_batch,
 )
 from oclear_ray.synth import SynthConfig, generate
-from serve.api import Query, QueryBatcher, SearchService, build_api, search_batch
 from tests.conftest import jpeg_bytes, png_bytes
 from tests.tiny import export_random_model
 
