@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from oclear_ray.classmap import load_class_map
+from oclear_ray.cli import config_from
 from oclear_ray.config import TrainConfig, load_config
 from oclear_ray.evaluate import embed_in_process, exact_search
 from oclear_ray.export import load_doc_encoder, load_query_encoder
@@ -196,15 +197,7 @@ def ratios(runs: dict) -> dict:
 def run_govern(args, work: str) -> dict:
     """Draw the catalog, govern it, score the class map; saved as WORK/govern.json."""
     data = os.path.join(work, "data")
-    synth = SynthConfig(
-        docs=args.docs,
-        classes=args.classes,
-        noise=args.noise,
-        alias_rate=args.alias_rate,
-        broad_rate=args.broad_rate,
-        seed=args.seed,
-    )
-    generate(data, synth)
+    generate(data, config_from(SynthConfig, vars(args)))  # --docs, --classes, --noise, ...
     with open(os.path.join(data, "truth.json")) as f:
         truth = json.load(f)
     init_ray()

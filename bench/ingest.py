@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 
+from jobs import add_options
 from oclear_ray.config import train_config
 from oclear_ray.runtime import init_ray
 from oclear_ray.train import fit
@@ -29,9 +30,8 @@ def parse_args():
     p.add_argument(
         "--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/openmoji-dev")
     )
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--config", default=None)
+    add_options(p, "train", only=("config", "workers", "steps"))  # as `oclear train` has them
+    p.set_defaults(steps=80, workers=2)
     return p.parse_args()
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from baselines import train_bare, train_plain
 
+from jobs import add_options
 from oclear_ray.config import train_config
 from oclear_ray.evaluate import embed_in_process, exact_search, map_at_r, recall_at, relevance
 from oclear_ray.export import load_doc_encoder, load_query_encoder
@@ -42,10 +43,9 @@ def parse_args():
     p.add_argument(
         "--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/openmoji-dev")
     )
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None, help="steps (the minutes then only cap)")
-    p.add_argument("--config", default=None)
+    p.add_argument("--minutes", type=float, default=10.0, help="budget; with --steps, a cap")
+    add_options(p, "train", only=("config", "workers", "steps"))  # as `oclear train` has them
+    p.set_defaults(workers=2)
     p.add_argument("--workdir", default=None)
     p.add_argument(
         "--no-text", action="store_true", help="train the image towers only, in every stage"

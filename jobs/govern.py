@@ -8,9 +8,9 @@ WORKDIR/govern/ (class_map.json, report.json, report.md, report.html) for the tr
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from jobs import parser
 from oclear_ray.classmap import load_class_map
 from oclear_ray.govern import GovernConfig, govern, score_against_truth
 from oclear_ray.review import load_review
@@ -18,16 +18,7 @@ from oclear_ray.runtime import init_ray
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--queries", default=None, help="query set whose labels are checked")
-    p.add_argument("--model", default=None, help="exported model: add its doc embeddings")
-    p.add_argument("--policy", default="none", help="sampling: none, sqrt or balanced")
-    p.add_argument("--cap", type=int, default=None, help="most draws of a class per epoch")
-    p.add_argument("--truth", default=None, help="oclear synth truth.json to score against")
-    p.add_argument("--review", default=None, help="review file: decision ids to reject/accept")
-    return p.parse_args(argv)
+    return parser("govern", __doc__).parse_args(argv)
 
 
 def main(args) -> dict:
@@ -36,7 +27,7 @@ def main(args) -> dict:
         args.catalog,
         args.workdir,
         config=config,
-        model_dir=args.model,
+        model_dir=args.model_dir,
         queries=args.queries,
         review=load_review(args.review) if args.review else None,
     )

@@ -9,29 +9,16 @@ last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from jobs import add_training_options, training_config
-from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig, run_pipeline
+from jobs import parser
+from oclear_ray.cli import training_config
+from oclear_ray.pipeline import PipelineConfig, run_pipeline
 from oclear_ray.runtime import init_ray
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--queries", default=None, help="training query photos (optional)")
-    p.add_argument("--eval-queries", default=None, help="labelled queries to evaluate on")
-    add_training_options(p)
-    p.add_argument(
-        "--govern",
-        choices=GOVERN_MODES,
-        default="auto",
-        help="auto: apply the class map when a probe training says it helps",
-    )
-    p.add_argument("--fusion-ablation", action="store_true")
-    return p.parse_args(argv)
+    return parser("pipeline", __doc__).parse_args(argv)
 
 
 def main(args) -> None:
@@ -40,7 +27,7 @@ def main(args) -> None:
         workdir=args.workdir,
         queries=args.queries,
         eval_queries=args.eval_queries,
-        train=training_config(args),
+        train=training_config(vars(args)),
         fusion_ablation=args.fusion_ablation,
         govern_mode=args.govern,
     )

@@ -8,29 +8,21 @@ Rerunning the same command resumes from the last checkpoint (also with another -
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from jobs import add_training_options, training_config
+from jobs import parser
+from oclear_ray.cli import training_config
 from oclear_ray.runtime import init_ray
 from oclear_ray.train import fit
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--queries", default=None, help="training query photos (optional)")
-    p.add_argument("--workdir", required=True)
-    p.add_argument(
-        "--class-map", default=None, help="class map (default WORKDIR/govern/class_map.json)"
-    )
-    add_training_options(p)
-    return p.parse_args(argv)
+    return parser("train", __doc__).parse_args(argv)
 
 
 def main(args) -> None:
     result = fit(
-        training_config(args),
+        training_config(vars(args)),
         catalog=args.catalog,
         queries=args.queries,
         workdir=args.workdir,

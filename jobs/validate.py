@@ -5,24 +5,17 @@ ray job submit --working-dir . -- python -m jobs.validate data/catalog.parquet -
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from jobs import parser
 from oclear_ray.contract import Limits
 from oclear_ray.read import validate_source
 from oclear_ray.runtime import init_ray
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("path", help="parquet file/folder, manifest (JSONL/CSV) or webdataset .tar")
-    p.add_argument("--kind", default="auto", choices=["auto", "catalog", "queries"])
-    p.add_argument("--format", default=None, choices=["parquet", "manifest", "webdataset"])
-    p.add_argument("--workdir", default="work")
-    p.add_argument("--quarantine", default=None)
-    p.add_argument("--max-pixels", type=int, default=Limits().max_pixels)
-    return p.parse_args(argv)
+    return parser("validate", __doc__).parse_args(argv)
 
 
 def main(args) -> int:

@@ -1,5 +1,6 @@
 """The ``oclear`` command line: one command per stage, each calling the same library functions
-as the Ray jobs in ``jobs/``.
+as the Ray jobs in ``jobs/``, which take the commands' options as declared here. Options named
+as a config's fields become that config by name (:func:`config_from` of ``ctx.params``).
 
 Every command goes through one error handler (:func:`command`): a bad input or config is one
 red line naming it (exit 2), any other failure one red line naming its cause (exit 1), and the
@@ -10,15 +11,17 @@ session folder), and the terminal shows only the command's own progress lines an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -34,6 +37,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from oclear_ray.config import TrainConfig
 
 app = typer.Typer(
     help="Image-to-multi-modal retrieval on Ray.", no_args_is_help=True, add_completion=False
@@ -59,6 +65,17 @@ Sets = Annotated[
         help="Override a training config field, e.g. --set optim.lr=1e-3 (repeatable).",
     ),
 ]
+# the options several commands take alike
+Catalog = Annotated[str, typer.Option(help="Catalog (parquet, manifest or webdataset).")]
+TrainingQueries = Annotated[str | None, typer.Option(help="Training query photos.")]
+ModelDir = Annotated[str | None, typer.Option(help="Exported model; default WORKDIR/train/model.")]
+Format = Annotated[
+    str | None, typer.Option(help="parquet, manifest or webdataset; default: guess.")
+]
+ConfigFile = Annotated[str | None, typer.Option(help="YAML training config.")]
+Workers = Annotated[int | None, typer.Option(help="Ray Train workers.")]
+UseGpu = Annotated[bool | None, typer.Option("--use-gpu", help="One GPU per worker.")]
+CpusPerActor = Annotated[float, typer.Option(help="Ray CPUs per actor (may be fractional).")]
 
 
 @app.callback()
@@ -181,6 +198,31 @@ def progress_bar(description: str, total: int | None = None, *, cumulative: bool
             yield lambda n: bar.advance(task, n)
 
 
+def config_from(cls, options: Mapping):
+    """``cls`` (a config dataclass) from the options named as its fields, its other fields at
+    their defaults: how the commands, the Ray jobs and the benches turn options into a config."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in options.items() if key in names})
+
+
+def training_config(options: Mapping) -> TrainConfig:
+    """The training config that ``--config`` and, where a command has them, ``--workers``,
+    ``--steps``, ``--max-minutes``, ``--use-gpu`` and ``--set`` ask for (``train``,
+    ``pipeline``, ``demo`` and their jobs)."""
+    from oclear_ray.config import train_config
+
+    sizes = {key: options.get(key) for key in ("workers", "steps", "max_minutes", "use_gpu")}
+    return train_config(options["config"], sets=options.get("set_"), **sizes)
+
+
+def ids_to_delete(delete: list[str] | None, delete_file: Path | str | None) -> list[str]:
+    """The doc_ids of ``--delete`` and of ``--delete-file`` (one a line)."""
+    ids = list(delete or [])
+    if delete_file is not None:
+        ids += [line.strip() for line in Path(delete_file).read_text().splitlines() if line.strip()]
+    return ids
+
+
 @command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the catalog and queries to.")],
@@ -194,22 +236,13 @@ def synth(
     text_query_rate: float = typer.Option(0.0, help="Fraction of queries with typed text."),
     image_size: int = typer.Option(64, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
+    *,
+    ctx: typer.Context,
 ):
     """Draw a synthetic product catalog with user-photo queries and a truth file."""
     from oclear_ray.synth import SynthConfig, generate
 
-    cfg = SynthConfig(
-        docs=docs,
-        classes=classes,
-        noise=noise,
-        alias_rate=alias_rate,
-        broad_rate=broad_rate,
-        zipf=zipf,
-        queries_per_class=queries_per_class,
-        text_query_rate=text_query_rate,
-        image_size=image_size,
-        seed=seed,
-    )
+    cfg = config_from(SynthConfig, ctx.params)
     with progress_bar("synth", cfg.total_items, cumulative=True) as done:
         summary = generate(str(out_dir), cfg, progress=done)
     console.print_json(json.dumps(summary, default=str))
@@ -219,9 +252,7 @@ def synth(
 def validate(
     path: Annotated[str, typer.Argument(help="Catalog or queries: parquet, manifest, or .tar.")],
     kind: str = typer.Option("auto", help="catalog, queries, or auto (from the columns)."),
-    format: str | None = typer.Option(
-        None, help="parquet, manifest or webdataset; default: guess."
-    ),
+    format: Format = None,
     workdir: str = typer.Option("work", help="Work directory (quarantine in WORKDIR/quarantine/)."),
     quarantine: str | None = typer.Option(None, help="Quarantine parquet (overrides workdir)."),
     max_pixels: int = typer.Option(40_000_000, help="Images with more pixels are quarantined."),
@@ -260,7 +291,7 @@ def _print_report(report) -> None:
 
 @command()
 def govern(
-    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    catalog: Catalog,
     workdir: str = typer.Option(..., help="Work directory (class map goes to WORKDIR/govern)."),
     queries: str | None = typer.Option(None, help="Query set whose labels are checked."),
     model_dir: str | None = typer.Option(
@@ -310,29 +341,28 @@ def govern(
 
 @command()
 def train(
-    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    catalog: Catalog,
     workdir: str = typer.Option(..., help="Work directory (model goes to WORKDIR/train/model)."),
-    queries: str | None = typer.Option(None, help="Training query photos."),
+    queries: TrainingQueries = None,
     class_map: str | None = typer.Option(
         None, help="Class map from oclear govern; default WORKDIR/govern/class_map.json if any."
     ),
-    config: str | None = typer.Option(None, help="YAML training config."),
-    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    config: ConfigFile = None,
+    workers: Workers = None,
     steps: int | None = typer.Option(None, help="Scale the schedule to this many steps."),
     max_minutes: float | None = typer.Option(None, help="Stop cleanly after this long."),
-    use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
+    use_gpu: UseGpu = None,
     set_: Sets = None,
     tracking_uri: TrackingUri = None,
     address: RayAddress = None,
+    *,
+    ctx: typer.Context,
 ):
     """Train the encoders (FSDP2) and the sharded classifier on Ray Train, then export them."""
-    from oclear_ray.config import train_config
     from oclear_ray.tracking import tracking_for
     from oclear_ray.train import fit
 
-    cfg = train_config(
-        config, workers=workers, steps=steps, max_minutes=max_minutes, use_gpu=use_gpu, sets=set_
-    )
+    cfg = training_config(ctx.params)
     _init_ray(address)
     with StageLines() as lines:
         lines.start("train", cfg.total_steps)
@@ -343,9 +373,9 @@ def train(
             queries=queries,
             workdir=workdir,
             class_map=class_map,
+            tracking=tracking_for(workdir, tracking_uri),
             progress=tick,
             on_report=tick,
-            tracking=tracking_for(workdir, tracking_uri),
         )
         lines.finish("train", f"{result.steps} steps")
     console.print(f"model: {result.model_dir} ({result.num_classes} classes)")
@@ -355,14 +385,12 @@ def train(
 
 @command()
 def embed(
-    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    catalog: Catalog,
     workdir: str = typer.Option(..., help="Work directory (embeddings go to WORKDIR/embed)."),
-    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
-    format: str | None = typer.Option(
-        None, help="parquet, manifest or webdataset; default: guess."
-    ),
+    model_dir: ModelDir = None,
+    format: Format = None,
     actors: int = typer.Option(1, help="Embedding actors (each loads the encoder once)."),
-    cpus_per_actor: float = typer.Option(1.0, help="Ray CPUs per actor (may be fractional)."),
+    cpus_per_actor: CpusPerActor = 1.0,
     threads_per_actor: int | None = typer.Option(
         None, help="Torch threads per actor; default: its whole CPUs."
     ),
@@ -375,28 +403,17 @@ def embed(
         False, "--image-only", help="Embed documents from their image alone (fusion ablation)."
     ),
     address: RayAddress = None,
+    *,
+    ctx: typer.Context,
 ):
     """Embed a catalog with the document encoder into WORKDIR/embed; a rerun resumes."""
     from oclear_ray.embed import EmbedConfig, embed_catalog
 
-    config = EmbedConfig(
-        batch_size=batch_size,
-        actors=actors,
-        cpus_per_actor=cpus_per_actor,
-        threads_per_actor=threads_per_actor,
-        use_gpu=use_gpu,
-        rows_per_part=rows_per_part,
-        image_only=image_only,
-    )
+    config = config_from(EmbedConfig, ctx.params)
     _init_ray(address)
     with progress_bar("embed") as advance:
         result = embed_catalog(
-            catalog,
-            workdir,
-            model_dir=model_dir,
-            config=config,
-            format=format,
-            progress=advance,
+            catalog, workdir, model_dir=model_dir, config=config, format=format, progress=advance
         )
     console.print_json(json.dumps(vars(result)))
 
@@ -418,16 +435,13 @@ def index(
         Path | None, typer.Option(help="File of doc_ids to delete, one a line.")
     ] = None,
     address: RayAddress = None,
+    *,
+    ctx: typer.Context,
 ):
     """Build the FAISS shards from WORKDIR/embed, or bring them up to date."""
     from oclear_ray.index import IndexConfig, sync_index
 
-    ids = list(delete or [])
-    if delete_file is not None:
-        ids += [line.strip() for line in delete_file.read_text().splitlines() if line.strip()]
-    config = IndexConfig(
-        shards=shards, factory=factory, memory_gb=memory_gb, rebuild_fraction=rebuild_fraction
-    )
+    config, ids = config_from(IndexConfig, ctx.params), ids_to_delete(delete, delete_file)
     _init_ray(address)
     with console.status("index"):
         result = sync_index(workdir, config, rebuild=rebuild, delete=ids)
@@ -438,18 +452,20 @@ def index(
 def eval_(
     workdir: str = typer.Option(..., help="Work directory (report goes to WORKDIR/eval)."),
     queries: str = typer.Option(..., help="Labelled queries (parquet, manifest or webdataset)."),
-    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    model_dir: ModelDir = None,
     catalog: str | None = typer.Option(None, help="Catalog for thumbnails; default: as embedded."),
     format: str | None = typer.Option(None, help="Format of the queries; default: guess."),
     image_only_docs: bool = typer.Option(
         False, "--image-only-docs", help="Also measure image-only vs fused documents (exact)."
     ),
     actors: int = typer.Option(1, help="Query-encoder actors."),
-    cpus_per_actor: float = typer.Option(0.5, help="Ray CPUs per actor (may be fractional)."),
+    cpus_per_actor: CpusPerActor = 0.5,
     threads_per_actor: int = typer.Option(2, help="Torch threads per actor."),
     grid_queries: int = typer.Option(24, help="Queries shown with their top documents."),
     tracking_uri: TrackingUri = None,
     address: RayAddress = None,
+    *,
+    ctx: typer.Context,
 ):
     """Embed labelled queries, search the index; write WORKDIR/eval/report.json and .html."""
     from oclear_ray import storage
@@ -457,9 +473,7 @@ def eval_(
     from oclear_ray.evaluate import EvalConfig, evaluate
     from oclear_ray.tracking import tracking_for
 
-    pool = EmbedConfig(
-        actors=actors, cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor
-    )
+    pool = config_from(EmbedConfig, ctx.params)
     _init_ray(address)
     with console.status("eval"):
         report = evaluate(
@@ -491,7 +505,7 @@ def search(
     workdir: str = typer.Option(..., help="Work directory (WORKDIR/index, WORKDIR/train/model)."),
     text: str | None = typer.Option(None, help="Typed query: with each photo, or alone."),
     k: int = typer.Option(10, help="Documents per query."),
-    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    model_dir: ModelDir = None,
 ):
     """Embed query photos and/or a text with the query encoder; print the top documents."""
     from oclear_ray import storage
@@ -515,7 +529,7 @@ def search(
 @command()
 def serve(
     workdir: str = typer.Option(..., help="Work directory (WORKDIR/index, WORKDIR/train/model)."),
-    model_dir: str | None = typer.Option(None, help="Exported model; default WORKDIR/train/model."),
+    model_dir: ModelDir = None,
     host: str = typer.Option("127.0.0.1", help="HTTP host (0.0.0.0 to listen on all)."),
     port: int = typer.Option(8000, help="HTTP port."),
     shard_replicas: int = typer.Option(1, help="Replicas per index shard deployment."),
@@ -545,15 +559,15 @@ def serve(
 
 @command()
 def pipeline(
-    catalog: str = typer.Option(..., help="Catalog (parquet, manifest or webdataset)."),
+    catalog: Catalog,
     workdir: str = typer.Option(..., help="Work directory for every stage's artifacts."),
-    queries: str | None = typer.Option(None, help="Training query photos."),
+    queries: TrainingQueries = None,
     eval_queries: str | None = typer.Option(None, help="Labelled queries to evaluate on."),
-    config: str | None = typer.Option(None, help="YAML training config."),
-    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    config: ConfigFile = None,
+    workers: Workers = None,
     steps: int | None = typer.Option(None, help="Scale the training schedule to this many steps."),
     max_minutes: float | None = typer.Option(None, help="Training wall-time budget."),
-    use_gpu: bool | None = typer.Option(None, "--use-gpu", help="One GPU per worker."),
+    use_gpu: UseGpu = None,
     govern: str = typer.Option(
         "auto",
         help="auto (apply the class map when a probe training says it helps), apply, report "
@@ -565,9 +579,10 @@ def pipeline(
     set_: Sets = None,
     tracking_uri: TrackingUri = None,
     address: RayAddress = None,
+    *,
+    ctx: typer.Context,
 ):
     """govern -> train -> embed -> index -> evaluate, skipping every stage that is current."""
-    from oclear_ray.config import train_config
     from oclear_ray.pipeline import GOVERN_MODES, PipelineConfig
     from oclear_ray.tracking import tracking_for
 
@@ -578,14 +593,7 @@ def pipeline(
         workdir=workdir,
         queries=queries,
         eval_queries=eval_queries,
-        train=train_config(
-            config,
-            workers=workers,
-            steps=steps,
-            max_minutes=max_minutes,
-            use_gpu=use_gpu,
-            sets=set_,
-        ),
+        train=training_config(ctx.params),
         fusion_ablation=fusion_ablation,
         govern_mode=govern,
         tracking=tracking_for(workdir, tracking_uri),
@@ -601,19 +609,20 @@ def demo(
     classes: int = typer.Option(100, help="Synthetic products."),
     queries_per_class: int = typer.Option(4, help="Photos per product (half the products)."),
     steps: int = typer.Option(300, help="Training steps."),
-    config: str | None = typer.Option(None, help="YAML training config."),
-    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    config: ConfigFile = None,
+    workers: Workers = None,
     host: str = typer.Option("127.0.0.1", help="HTTP host of the search page."),
     port: int = typer.Option(8000, help="HTTP port of the search page."),
     once: bool = typer.Option(False, "--once", help="Stop after the first search answers."),
     set_: Sets = None,
     tracking_uri: TrackingUri = None,
+    *,
+    ctx: typer.Context,
 ):
     """Synthesize a small catalog, run the whole pipeline on it (evaluated on new photos of
     catalog products, and on products never photographed), serve the search page and search it
     once with a new photo of a catalog product."""
     from oclear_ray import demo as steps_of
-    from oclear_ray.config import train_config
     from oclear_ray.pipeline import PipelineConfig
     from oclear_ray.tracking import tracking_for
 
@@ -626,7 +635,7 @@ def demo(
         workdir=workdir,
         queries=data["queries"],
         eval_queries=data["new_photos"],
-        train=train_config(config, workers=workers, steps=steps, sets=set_),
+        train=training_config(ctx.params),
         # its catalog has planted label noise that governance is measured to fix
         # (bench/governance.py); a probe would double the demo's training time
         govern_mode="apply",
@@ -645,18 +654,26 @@ def demo(
     with console.status("serve: starting the search app"):
         url = _start_app(workdir, None, host, port)
         steps_of.wait_ready(url)
-    query = steps_of.first_query(data["new_photos"])
-    hits = steps_of.search_over_http(url, query["image"], k=5)
-    _print_hits(f"new photo {query['query_id']} (label {query['label']})", hits)
-    found = steps_of.shows_product(data, query["query_id"], hits[0])
-    verdict = "[green]is[/green]" if found else "[red]is not[/red]"
-    console.print(f"top hit {hits[0]['doc_id']} {verdict} the photographed product")
+    _search_once(data, url)
     console.print(f"search page: {url}/  (API: {url}/v1/search, {url}/v1/info)")
     if once:
         _stop_app()
         return
     console.print("serving until Ctrl-C")
     _serve_forever()
+
+
+def _search_once(data: dict, url: str) -> None:
+    """The demo's search: a new photo of a catalog product sent to the app at ``url``; prints
+    the hits and whether the top one is the photographed product."""
+    from oclear_ray import demo as steps_of
+
+    query = steps_of.first_query(data["new_photos"])
+    hits = steps_of.search_over_http(url, query["image"], k=5)
+    _print_hits(f"new photo {query['query_id']} (label {query['label']})", hits)
+    found = steps_of.shows_product(data, query["query_id"], hits[0])
+    verdict = "[green]is[/green]" if found else "[red]is not[/red]"
+    console.print(f"top hit {hits[0]['doc_id']} {verdict} the photographed product")
 
 
 def _start_app(workdir: str, model_dir: str | None, host: str, port: int, **args) -> str:

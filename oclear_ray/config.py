@@ -1,4 +1,4 @@
-"""The training configuration: a tree of keyword-only dataclasses, loaded from YAML.
+"""The training configuration: a tree of sections (keyword-only dataclasses), loaded from YAML.
 
 One file chooses the backbone, dims, margin, sampling rate, batch size, workers, CPU/GPU,
 precision and the stage schedule. Every section checks itself in ``__post_init__`` with an error
@@ -8,6 +8,7 @@ that names the bad value; unknown keys are errors too.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,18 @@ DOC_QUERY_VIEWS = ("photo", "outline", "render")
 WEIGHT_SOURCES = ("hf-hub:", "local-dir:")
 
 
-@dataclass(kw_only=True)
+def section(cls):
+    """A config section: a keyword-only dataclass in which a field typed as another section,
+    given no default, defaults to that section's defaults (``image: ImageEncoderConfig`` is
+    ``field(default_factory=ImageEncoderConfig)``)."""
+    hints = typing.get_type_hints(cls)
+    for name in inspect.get_annotations(cls):
+        if dataclasses.is_dataclass(hints[name]) and name not in vars(cls):
+            setattr(cls, name, field(default_factory=hints[name]))
+    return dataclass(kw_only=True)(cls)
+
+
+@section
 class ImageEncoderConfig:
     """A timm backbone: random init, timm's pretrained weights, or a local weights file.
 
@@ -66,7 +78,7 @@ class ImageEncoderConfig:
         return bool(self.pretrained or self.pretrained_path)
 
 
-@dataclass(kw_only=True)
+@section
 class TextEncoderConfig:
     """A BERT-style text tower built from sizes, a full transformers config, or a local folder.
 
@@ -83,6 +95,7 @@ class TextEncoderConfig:
     dropout: float = 0.1
     pretrained_path: str | None = None
     hf_config: dict | None = None
+    where: typing.ClassVar[str] = "text"  # how errors name the section
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,17 +107,11 @@ class TextEncoderConfig:
             "max_position_embeddings",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"text.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"text.hidden_size {self.hidden_size} is not divisible by "
-                f"text.num_heads {self.num_heads}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"text.dropout must be in [0, 1), got {self.dropout}")
+                raise ValueError(f"{self.where}.{name} must be >= 1, got {getattr(self, name)}")
+        _check_attention(self, "hidden_size")
 
 
-@dataclass(kw_only=True)
+@section
 class FusionConfig:
     """Concept slots reading the text, then the image; plus the per-document modality gate."""
 
@@ -113,22 +120,29 @@ class FusionConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     dropout: float = 0.0
+    where: typing.ClassVar[str] = "fusion"
 
     def __post_init__(self) -> None:
         if self.num_concepts < 1:
-            raise ValueError(f"fusion.num_concepts must be >= 1, got {self.num_concepts}")
-        if self.dim < 1 or self.num_heads < 1 or self.dim % self.num_heads:
-            raise ValueError(
-                f"fusion.dim {self.dim} must be a positive multiple of "
-                f"fusion.num_heads {self.num_heads}"
-            )
+            raise ValueError(f"{self.where}.num_concepts must be >= 1, got {self.num_concepts}")
+        _check_attention(self, "dim")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"fusion.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"fusion.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"{self.where}.mlp_ratio must be > 0, got {self.mlp_ratio}")
 
 
-@dataclass(kw_only=True)
+def _check_attention(section, width: str) -> None:
+    """The checks of an attention block's sizes (the text tower's, the fusion's): its width
+    (the field ``width``) a positive multiple of ``num_heads``, ``dropout`` in [0, 1)."""
+    where, size, heads = section.where, getattr(section, width), section.num_heads
+    if size < 1 or heads < 1 or size % heads:
+        raise ValueError(
+            f"{where}.{width} {size} must be a positive multiple of {where}.num_heads {heads}"
+        )
+    if not 0.0 <= section.dropout < 1.0:
+        raise ValueError(f"{where}.dropout must be in [0, 1), got {section.dropout}")
+
+
+@section
 class ShapeConfig:
     """The coarse shape code kept beside the learned embedding (``model.ShapeCode``): the
     lowest ``size`` x ``size`` 2-D DCT frequencies of the image's grey levels, weighted by
@@ -153,15 +167,15 @@ class ShapeConfig:
         return self.size * self.size - 1 if self.size and self.weight else 0
 
 
-@dataclass(kw_only=True)
+@section
 class ModelConfig:
     """The whole model: encoders, fusion, embedding size, and the preprocessing it expects."""
 
-    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    image: ImageEncoderConfig
+    text: TextEncoderConfig
+    fusion: FusionConfig
+    preprocess: PreprocessConfig
+    shape: ShapeConfig
     #: the learned embedding's width (what the classifier trains)
     embed_dim: int = 128
 
@@ -197,7 +211,7 @@ class ModelConfig:
         return _build(cls, _read(cls, data or {}, "model"))
 
 
-@dataclass(kw_only=True)
+@section
 class MarginConfig:
     """The margin softmax (``oclear_ray.classifier``): CosFace ``cos - m`` or ArcFace
     ``cos(theta + m)`` on the positive logit, logits times ``scale``; ``m=None`` takes the
@@ -228,7 +242,7 @@ class MarginConfig:
             )
 
 
-@dataclass(kw_only=True)
+@section
 class HeadConfig(MarginConfig):
     """The sharded margin-softmax classifier of a training run (its class count comes from
     the class map) and how the fuse stage weighs its text rows."""
@@ -244,7 +258,7 @@ class HeadConfig(MarginConfig):
             raise ValueError(f"head.text_weight must be >= 0 or null, got {self.text_weight}")
 
 
-@dataclass(kw_only=True)
+@section
 class DataConfig:
     """Per-worker batch sizes and the augmentation of training views."""
 
@@ -283,7 +297,7 @@ class DataConfig:
             )
 
 
-@dataclass(kw_only=True)
+@section
 class OptimConfig:
     """AdamW for the encoders and for the classifier shard (no decay on centres); cosine decay."""
 
@@ -304,7 +318,7 @@ class OptimConfig:
 TOWERS = ("image", "all")
 
 
-@dataclass(kw_only=True)
+@section
 class StageConfig:
     """A stage of the schedule: ``image`` aligns query and document images (image towers only),
     ``all`` trains the fusion too."""
@@ -326,7 +340,7 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULE_BY = ("steps", "time")
 
 
-@dataclass(kw_only=True)
+@section
 class RunConfig:
     """Workers and resources, precision, checkpoints, failures and the wall-time budget.
 
@@ -377,16 +391,16 @@ def _default_schedule() -> list[StageConfig]:
     ]
 
 
-@dataclass(kw_only=True)
+@section
 class TrainConfig:
     """The whole training run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig
+    head: HeadConfig
+    data: DataConfig
+    optim: OptimConfig
     schedule: list[StageConfig] = field(default_factory=_default_schedule)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig
 
     def __post_init__(self):
         if not self.schedule:
@@ -453,9 +467,10 @@ def _read(cls, data, path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    unknown = set(data) - set(hints)
+    fields = [f.name for f in dataclasses.fields(cls)]  # not the ClassVars among the hints
+    unknown = set(data) - set(fields)
     if unknown:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        known = ", ".join(fields)
         raise ValueError(f"unknown key(s) {sorted(unknown)} in {where} (known: {known})")
     return {
         key: _value(hints[key], value, f"{path}.{key}" if path else key)

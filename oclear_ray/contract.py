@@ -38,34 +38,34 @@ class Contract:
         return self.schema.names
 
 
+#: the type of every column a contract names
+COLUMN_TYPES = {
+    "doc_id": pa.string(),
+    "query_id": pa.string(),
+    "image": pa.binary(),
+    "image_path": pa.string(),
+    "text": pa.string(),
+    "category": pa.string(),
+    "label": pa.string(),
+}
+
+
+def columns(*names: str, **more: pa.DataType) -> pa.Schema:
+    """The schema of the contract columns ``names`` (their contract types), then ``more``."""
+    return pa.schema([(name, COLUMN_TYPES[name]) for name in names] + list(more.items()))
+
+
 CATALOG = Contract(
     kind="catalog",
     id_column="doc_id",
-    schema=pa.schema(
-        [
-            ("doc_id", pa.string()),
-            ("image", pa.binary()),
-            ("image_path", pa.string()),
-            ("text", pa.string()),
-            ("category", pa.string()),
-            ("label", pa.string()),
-        ]
-    ),
+    schema=columns("doc_id", "image", "image_path", "text", "category", "label"),
     needs_image=True,
 )
 
 QUERIES = Contract(
     kind="queries",
     id_column="query_id",
-    schema=pa.schema(
-        [
-            ("query_id", pa.string()),
-            ("image", pa.binary()),
-            ("image_path", pa.string()),
-            ("text", pa.string()),
-            ("label", pa.string()),
-        ]
-    ),
+    schema=columns("query_id", "image", "image_path", "text", "label"),
     needs_image=False,
 )
 

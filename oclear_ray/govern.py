@@ -52,6 +52,30 @@ _SENTENCE = re.compile(r"\.\s")  # a title names its thing first; keyword lists 
 _STOP_WORDS = frozenset(
     ["a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"]
 )
+#: the ranges of ``GovernConfig``'s numbers, (lowest, highest or None), and the fields in each:
+#: counts, cosine similarities, block weights
+_RANGES = {
+    (1, None): (
+        "text_dim",
+        "thumb",
+        "neighbours",
+        "mutual",
+        "min_split",
+        "min_alias_docs",
+        "min_support",
+        "tail",
+    ),
+    (-1, 1): (
+        "link",
+        "mutual_link",
+        "merge_similarity",
+        "alias_similarity",
+        "alias_text_similarity",
+        "split_similarity",
+        "min_confidence",
+    ),
+    (0, None): ("text_weight", "image_weight", "colour_weight", "model_weight"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,32 +131,12 @@ class GovernConfig:
     tail: int = 5
 
     def __post_init__(self):
-        for name in (
-            "text_dim",
-            "thumb",
-            "neighbours",
-            "mutual",
-            "min_split",
-            "min_alias_docs",
-            "min_support",
-            "tail",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"govern {name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "link",
-            "mutual_link",
-            "merge_similarity",
-            "alias_similarity",
-            "alias_text_similarity",
-            "split_similarity",
-            "min_confidence",
-        ):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"govern {name} must be in [-1, 1], got {getattr(self, name)}")
-        for name in ("text_weight", "image_weight", "colour_weight", "model_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"govern {name} must be >= 0, got {getattr(self, name)}")
+        for (low, high), names in _RANGES.items():
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            for name in names:
+                value = getattr(self, name)
+                if not (low <= value and (high is None or value <= high)):
+                    raise ValueError(f"govern {name} must be {bound}, got {value}")
         if self.policy not in POLICIES:
             raise ValueError(f"govern policy must be one of {POLICIES}, got {self.policy!r}")
         if self.cap is not None and self.cap < 1:
@@ -414,23 +418,43 @@ def find_merges(
     num_labels = len(owners.main)
     at_home = home_docs(clusters, labels, owners)
     home = centres(x, at_home, num_labels)
+    alike = _named_alike(at_home, num_labels, cfg, text, titles)
+    owned, guests = _owned_merges(home, owners, cfg, alike)
+    merged = {a for a, *_ in owned}
+    return [
+        *owned,
+        *_guest_merges(home, guests, merged, cfg, alike),
+        *_centre_merges(home, cfg, alike),
+    ]
+
+
+def _named_alike(at_home: np.ndarray, num_labels: int, cfg: GovernConfig, text, titles):
+    """``find_merges``' test of two labels' titles, ``alike(a, b)``: neither label is named
+    apart from the other, and their title profiles are alike (without titles to compare, the
+    picture decides)."""
     words = None if text is None else title_profiles(text, at_home, num_labels)
     name, used = name_words(titles, at_home, num_labels) if titles else (None, None)
 
-    def named_alike(a: int, b: int) -> bool:
+    def alike(a: int, b: int) -> bool:
         if name is not None and (name[a] - used[b] or name[b] - used[a]):
             return False
         if words is None or not (words[a].any() and words[b].any()):
-            return True  # no titles to compare: the picture decides
+            return True
         return float(words[a] @ words[b]) >= cfg.alias_text_similarity
 
-    pairs = []
+    return alike
+
+
+def _owned_merges(home: np.ndarray, owners: Owners, cfg: GovernConfig, alike):
+    """The "main cluster owned" pairs, and the guests: per cluster, the settled labels (with
+    ``min_alias_docs`` documents in their main cluster) that have it as main but do not own
+    it."""
     settled = [
         lab
         for lab, c in enumerate(owners.main.tolist())
         if c >= 0 and owners.counts.get((c, lab), 0) >= cfg.min_alias_docs
     ]
-    guests = defaultdict(list)  # cluster -> settled labels that have it as main but do not own it
+    pairs, guests = [], defaultdict(list)
     for lab in settled:
         c = int(owners.main[lab])
         into = int(owners.owner[c])
@@ -438,23 +462,34 @@ def find_merges(
             continue
         guests[c].append(lab)
         similarity = float(home[lab] @ home[into])
-        if similarity >= cfg.alias_similarity and named_alike(lab, into):
+        if similarity >= cfg.alias_similarity and alike(lab, into):
             pairs.append((lab, into, "main cluster owned", similarity))
-    merged = {a for a, *_ in pairs}
+    return pairs, guests
+
+
+def _guest_merges(home: np.ndarray, guests: dict, merged: set, cfg: GovernConfig, alike):
+    """The "same main cluster" pairs: two guests of one cluster, not both merged already."""
+    pairs = []
     for group in guests.values():
         for i, a in enumerate(group):
             for b in group[i + 1 :]:
                 if a in merged and b in merged:
                     continue
                 similarity = float(home[a] @ home[b])
-                if similarity >= cfg.alias_similarity and named_alike(a, b):
+                if similarity >= cfg.alias_similarity and alike(a, b):
                     pairs.append((b, a, "same main cluster", similarity))
+    return pairs
+
+
+def _centre_merges(home: np.ndarray, cfg: GovernConfig, alike) -> list:
+    """The "same centre" pairs: home centres at least ``merge_similarity`` alike."""
     sims = home @ home.T
     np.fill_diagonal(sims, -1.0)
-    for a, b in zip(*np.nonzero(np.triu(sims >= cfg.merge_similarity)), strict=True):
-        if named_alike(int(a), int(b)):
-            pairs.append((int(b), int(a), "same centre", float(sims[a, b])))
-    return pairs
+    return [
+        (int(b), int(a), "same centre", float(sims[a, b]))
+        for a, b in zip(*np.nonzero(np.triu(sims >= cfg.merge_similarity)), strict=True)
+        if alike(int(a), int(b))
+    ]
 
 
 def title_profiles(text: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -706,7 +741,7 @@ def build_class_map(
     for d in proposed:
         if d["id"] in review.reject:
             undo[d["kind"]].add(d["key"])
-    names, decision = out["label_names"], out["decision"]
+    names = out["label_names"]
     label_class, pairs = merge_apart(len(names), out["merges"], undo["merge"])
     dest, number = _row_places(labels, out, undo)
     row_class, parts = _renumber(label_class, dest, number)
@@ -714,6 +749,39 @@ def build_class_map(
     sizes = np.bincount(row_class[row_class >= 0], minlength=len(parts))
     weights = sampling_weights(sizes, cfg.policy, cfg.cap)
     label_of = {name: int(label_class[i]) for i, name in enumerate(names)}
+    body = {
+        "format": FORMAT,
+        "num_classes": len(parts),
+        "classes": [
+            {"id": k, "name": part_name[k], "size": int(sizes[k]), "weight": float(weights[k])}
+            for k in range(len(parts))
+        ],
+        "labels": label_of,
+        "merges": _merge_records(names, label_class, pairs),
+        "splits": _split_records(part_name, parts),
+        **_row_moves(doc_ids, labels, row_class, label_of, out["decision"]),
+        "sampling": {"policy": cfg.policy, "cap": cfg.cap},
+        "review": review.record(),
+        "config": asdict(cfg),
+    }
+    return {"version": content_version(body), **body}
+
+
+def _split_records(part_name: list[str], parts: list) -> list[dict]:
+    """Per class cut into parts (``parts``: ``(class, part rank)`` per final class id), its
+    name and its parts' names."""
+    split = Counter(k for k, _ in parts)
+    return [
+        {"class": part_name[k], "parts": [part_name[p] for p, (c, _) in enumerate(parts) if c == k]}
+        for k in sorted(split)
+        if split[k] > 1
+    ]
+
+
+def _row_moves(doc_ids, labels, row_class: np.ndarray, label_of: dict, decision: Decision) -> dict:
+    """The rows a class map moves off their raw label's class: ``doc_class`` (their class),
+    ``relabelled`` (those with a noisy label: from, to, confidence) and ``dropped`` (noisy rows
+    with no confident class)."""
     doc_class, relabelled, dropped = {}, {}, {}
     for i, doc in enumerate(doc_ids):
         target, own = int(row_class[i]), label_of[labels[i]]
@@ -728,32 +796,7 @@ def build_class_map(
             doc_class[doc] = target
             if decision.noisy[i]:
                 relabelled[doc] = {"from": labels[i], "to": target, "confidence": confidence}
-    split = Counter(k for k, _ in parts)
-    body = {
-        "format": FORMAT,
-        "num_classes": len(parts),
-        "classes": [
-            {"id": k, "name": part_name[k], "size": int(sizes[k]), "weight": float(weights[k])}
-            for k in range(len(parts))
-        ],
-        "labels": label_of,
-        "merges": _merge_records(names, label_class, pairs),
-        "splits": [
-            {
-                "class": part_name[k],
-                "parts": [part_name[p] for p, (c, _) in enumerate(parts) if c == k],
-            }
-            for k in sorted(split)
-            if split[k] > 1
-        ],
-        "doc_class": doc_class,
-        "relabelled": relabelled,
-        "dropped": dropped,
-        "sampling": {"policy": cfg.policy, "cap": cfg.cap},
-        "review": review.record(),
-        "config": asdict(cfg),
-    }
-    return {"version": content_version(body), **body}
+    return {"doc_class": doc_class, "relabelled": relabelled, "dropped": dropped}
 
 
 def merge_apart(num_labels: int, pairs, apart) -> tuple[np.ndarray, list]:

@@ -35,24 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("image", pa.binary()),
-        ("text", pa.string()),
-        ("category", pa.string()),
-        ("label", pa.string()),
-        ("price", pa.float64()),
-    ]
-)
-QUERY_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("image", pa.binary()),
-        ("text", pa.string()),
-        ("label", pa.string()),
-    ]
-)
+from oclear_ray.contract import columns
+
+# What ``generate`` writes: the contract's columns (no image paths), and a price per document.
+CATALOG_SCHEMA = columns("doc_id", "image", "text", "category", "label", price=pa.float64())
+QUERY_SCHEMA = columns("query_id", "image", "text", "label")
 FILES = {
     "catalog": "catalog.parquet",
     "queries": "queries.parquet",
@@ -142,9 +129,32 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (122, 76, 40), "black": (32, 32, 32), "grey": (128, 128, 128),
     "white": (246, 246, 246),
 }
+# Title wording: the first word is the usual one, the others are variants. A colour without
+# variants is named as in COLOURS; the shapes and the patterns are the keys of their wording.
+_COLOUR_WORDS: dict[str, tuple[str, ...]] = {
+    "red": ("red", "scarlet"), "blue": ("blue", "cobalt"), "navy": ("navy", "dark blue"),
+    "purple": ("purple", "violet"), "pink": ("pink", "rose"), "teal": ("teal", "turquoise"),
+    "grey": ("grey", "gray"), "white": ("white", "off-white"),
+}
 # fmt: on
-SHAPES = ("round", "square", "rounded", "tall", "hexagonal")
-PATTERNS = ("solid", "striped", "dotted", "checked", "gradient", "diagonal", "chevron")
+_SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    "round": ("round", "circular"),
+    "square": ("square", "boxy"),
+    "rounded": ("rounded", "soft-edged"),
+    "tall": ("tall", "slim"),
+    "hexagonal": ("hexagonal", "six-sided"),
+}
+_PATTERN_WORDS: dict[str, tuple[str, ...]] = {
+    "solid": ("solid", "plain"),
+    "striped": ("striped", "stripe", "banded"),
+    "dotted": ("dotted", "polka-dot", "spotted"),
+    "checked": ("checked", "check", "plaid"),
+    "gradient": ("gradient", "ombre", "fade"),
+    "diagonal": ("diagonal-striped", "diagonal stripe", "slanted-stripe"),
+    "chevron": ("chevron", "zigzag"),
+}
+SHAPES = tuple(_SHAPE_WORDS)
+PATTERNS = tuple(_PATTERN_WORDS)
 _PATTERN_WEIGHTS = (0.28, 0.12, 0.12, 0.12, 0.12, 0.12, 0.12)
 GLYPHS = ("star", "heart", "plus", "ring", "triangle", "diamond")
 # No I, O, 0 or 1: they are too alike once printed at 64 px.
@@ -153,29 +163,6 @@ _COLOURINGS = 1 + (len(PATTERNS) - 1) * (len(COLOURS) - 1)  # per main colour; s
 # An eighth of the attribute space, which keeps the rejection sampling of products fast.
 MAX_CLASSES = len(KINDS) * len(SHAPES) * len(COLOURS) * _COLOURINGS * len(MARKS) // 8
 
-# Title wording: the first word is the usual one, the others are variants.
-_WORDS: dict[str, tuple[str, ...]] = {
-    "red": ("red", "scarlet"),
-    "blue": ("blue", "cobalt"),
-    "navy": ("navy", "dark blue"),
-    "purple": ("purple", "violet"),
-    "pink": ("pink", "rose"),
-    "teal": ("teal", "turquoise"),
-    "grey": ("grey", "gray"),
-    "white": ("white", "off-white"),
-    "solid": ("solid", "plain"),
-    "striped": ("striped", "stripe", "banded"),
-    "dotted": ("dotted", "polka-dot", "spotted"),
-    "checked": ("checked", "check", "plaid"),
-    "gradient": ("gradient", "ombre", "fade"),
-    "diagonal": ("diagonal-striped", "diagonal stripe", "slanted-stripe"),
-    "chevron": ("chevron", "zigzag"),
-    "round": ("round", "circular"),
-    "square": ("square", "boxy"),
-    "rounded": ("rounded", "soft-edged"),
-    "tall": ("tall", "slim"),
-    "hexagonal": ("hexagonal", "six-sided"),
-}
 _TITLES = (
     "{colour} {pattern} {shape} {noun}, {mark}",
     "{shape} {noun} in {colour}, {pattern}, {mark}",
@@ -493,6 +480,13 @@ def _query_split(
     return query_product, held
 
 
+def _label_names(numbers: np.ndarray) -> list[str]:
+    """The labels' names: ``c`` and label k's number ``numbers[k]``, zero-padded to at least
+    five digits."""
+    width = max(5, len(str(len(numbers) - 1)))
+    return [f"c{k:0{width}d}" for k in numbers.tolist()]
+
+
 def _plan(config: SynthConfig) -> _Plan:
     """Decide products, class sizes, labels, noise and the query split from the seed."""
     rng = _rng(config.seed, _PLAN)
@@ -506,8 +500,7 @@ def _plan(config: SynthConfig) -> _Plan:
     _split_aliases(rng, docs_of, alias, doc_true)
     own = np.stack([canonical, alias], axis=1)
     doc_label = _corrupt(rng, doc_product, doc_true, own, config.noise)
-    width = max(5, len(str(n_labels - 1)))
-    label_names = [f"c{k:0{width}d}" for k in rng.permutation(n_labels).tolist()]
+    label_numbers = rng.permutation(n_labels)  # drawn before the queries
     query_product, query_eval = _query_split(rng, config, canonical)
     return _Plan(
         products=products,
@@ -516,7 +509,7 @@ def _plan(config: SynthConfig) -> _Plan:
         doc_product=doc_product,
         doc_true=doc_true,
         doc_label=doc_label,
-        label_names=label_names,
+        label_names=_label_names(label_numbers),
         canonical=canonical,
         alias=alias,
         broad_pairs=pairs,
@@ -858,17 +851,17 @@ def _word(options: tuple[str, ...], rng: np.random.Generator | None) -> str:
 def _title(product: Product, rng: np.random.Generator | None = None) -> str:
     """A catalog title naming every attribute; wording and order vary with rng."""
     words = partial(_word, rng=rng)
-    colour = words(_WORDS.get(product.colour, (product.colour,)))
+    colour = words(_COLOUR_WORDS.get(product.colour, (product.colour,)))
     if product.secondary is not None:
-        second = words(_WORDS.get(product.secondary, (product.secondary,)))
+        second = words(_COLOUR_WORDS.get(product.secondary, (product.secondary,)))
         colour = (
             f"{colour} and {second}" if rng is None or rng.random() < 0.6 else f"{colour}/{second}"
         )
     marks = _GLYPH_MARKS if product.mark in _GLYPH_PARTS else _LETTER_MARKS
     fields = {
         "colour": colour,
-        "pattern": words(_WORDS[product.pattern]),
-        "shape": words(_WORDS[product.shape]),
+        "pattern": words(_PATTERN_WORDS[product.pattern]),
+        "shape": words(_SHAPE_WORDS[product.shape]),
         "noun": words(KINDS[product.kind].nouns),
         "mark": words(marks).format(product.mark),
     }
@@ -881,7 +874,7 @@ def _typed_query(product: Product, rng: np.random.Generator) -> str:
     extras = ["colour", "mark"] + ([] if product.pattern == "solid" else ["pattern"])
     chosen = set(rng.choice(extras, size=int(rng.integers(1, 3)), replace=False).tolist())
     before = [product.colour] if "colour" in chosen else []
-    before += [_WORDS[product.pattern][0]] if "pattern" in chosen else []
+    before += [_PATTERN_WORDS[product.pattern][0]] if "pattern" in chosen else []
     after = [product.mark] if "mark" in chosen else []
     return " ".join([*before, KINDS[product.kind].nouns[0], *after]).lower()
 

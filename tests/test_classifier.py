@@ -9,11 +9,9 @@ checkpoint written by the 2-rank run.
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from oclear_ray import parallel
 from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
 from oclear_ray.config import HeadConfig
+from tests.helpers import free_port, gloo_rank
 
 DIM = 16
 # name -> (world size, num classes, local batch sizes, margin, sample rate)
@@ -131,22 +130,12 @@ def dtensor_rows(world: int) -> dict[int, tuple[int, int]]:
 
 
 def worker(rank: int, world: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         cases = {name: make_case(name) for name, spec in CASES.items() if spec[0] == world}
         results = {name: run_case(case, rank, world) for name, case in cases.items()}
         results["checkpoint"] = checkpoint_step(rank, world, f"{tmp}/ckpt")
         results["dtensor_rows"] = dtensor_rows(world)
         torch.save(results, f"{tmp}/w{world}_r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from oclear_ray.model import RetrievalModel
 from oclear_ray.search import SearchIndex
 from oclear_ray.synth import SynthConfig, generate
 from oclear_ray.text import train_tokenizer
-from tests.tiny import export_random_model
+from tests.helpers import catalog_model
 
 pytestmark = pytest.mark.ray
 
@@ -53,10 +53,7 @@ def catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(catalog, tmp_path_factory):
     """A small random-init model exported the way training exports it."""
-    texts = pq.read_table(catalog[0], columns=["text"]).column("text").to_pylist()
-    out = tmp_path_factory.mktemp("model")
-    export_random_model(texts, out)
-    return str(out)
+    return catalog_model(catalog[0], tmp_path_factory.mktemp("model"))
 
 
 class Killed(Exception):

@@ -36,7 +36,7 @@ from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
 from oclear_ray.search import SearchIndex, normalize
 from oclear_ray.synth import SynthConfig, generate
-from tests.tiny import export_random_model
+from tests.helpers import catalog_model
 
 DOC_LABELS = ["a", "b", "a", "c", "d"]  # R: a 2, b 1, c 1, d 1, e 0
 QUERY_LABELS = ["a", "b", "c", "e"]
@@ -151,10 +151,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(data, tmp_path_factory):
     """A small random-init model exported the way training exports it."""
-    texts = pq.read_table(data[0], columns=["text"]).column("text").to_pylist()
-    out = tmp_path_factory.mktemp("model")
-    export_random_model(texts, out)
-    return str(out)
+    return catalog_model(data[0], tmp_path_factory.mktemp("model"))
 
 
 METRICS = ("recall@1", "recall@5", "recall@10", "map@r", "ndcg@10")

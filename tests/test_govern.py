@@ -228,22 +228,16 @@ def test_union_find_components():
 
 @pytest.fixture(scope="module")
 def governed(ray_cluster, tmp_path_factory):
-    """``oclear govern`` on a synthetic catalog with 30 % label noise and aliased labels."""
+    """``oclear govern`` on a synthetic catalog (``oclear synth``) with 30 % label noise,
+    aliased and broad labels."""
     from oclear_ray.cli import app
-    from oclear_ray.synth import SynthConfig, generate
 
     data = tmp_path_factory.mktemp("data")
-    cfg = SynthConfig(
-        docs=300,
-        classes=30,
-        noise=0.3,
-        alias_rate=0.1,
-        broad_rate=0.05,
-        queries_per_class=1,
-        image_size=48,
-        seed=0,
-    )
-    generate(data, cfg)
+    synth = ["synth", str(data), "--docs", "300", "--classes", "30", "--noise", "0.3"]
+    synth += ["--alias-rate", "0.1", "--broad-rate", "0.05", "--queries-per-class", "1"]
+    synth += ["--image-size", "48", "--seed", "0"]
+    drawn = CliRunner().invoke(app, synth)
+    assert drawn.exit_code == 0, drawn.output
     work = tmp_path_factory.mktemp("work")
     args = ["govern", "--catalog", str(data / "catalog.parquet"), "--workdir", str(work)]
     args += ["--queries", str(data / "queries.parquet"), "--truth", str(data / "truth.json")]

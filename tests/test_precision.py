@@ -11,10 +11,7 @@ at all (the classifier's backward mixes dtypes).
 
 from __future__ import annotations
 
-import socket
-
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from oclear_ray import parallel
@@ -22,6 +19,7 @@ from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax
 from oclear_ray.config import TrainConfig
 from oclear_ray.model import RetrievalModel
 from oclear_ray.train import Batch, autocast, mixed_precision_policy, train_step
+from tests.helpers import free_port, gloo_rank
 from tests.tiny import TINY_MODEL
 
 LOSS_RTOL, GRAD_RTOL, MIN_COSINE = 0.01, 0.25, 0.9
@@ -106,18 +104,8 @@ def errors(result: dict) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         torch.save(errors(compare_precisions(rank, world)), f"{path}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _check(err: dict) -> None:
@@ -132,7 +120,7 @@ def test_bf16_step_matches_float32_on_one_rank():
 
 
 def test_bf16_step_matches_float32_on_two_gloo_ranks_with_fsdp(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         _check(torch.load(tmp_path / f"r{rank}.pt"))
 
