@@ -23,7 +23,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -78,15 +77,19 @@ UseGpu = Annotated[bool | None, typer.Option("--use-gpu", help="One GPU per work
 CpusPerActor = Annotated[float, typer.Option(help="Ray CPUs per actor (may be fractional).")]
 
 
+#: the app's own options, set by ``main`` before each command runs (typer keeps its own copy
+#: of click, so the context is not reachable through ``click.get_current_context``)
+_options = {"verbose": False}
+
+
 @app.callback()
 def main(
-    ctx: typer.Context,
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Show Ray's own output on the terminal."
     ),
 ):
     """Image-to-multi-modal retrieval on Ray."""
-    ctx.obj = {"verbose": verbose}
+    _options["verbose"] = verbose
 
 
 def _ray_running() -> bool:
@@ -94,8 +97,7 @@ def _ray_running() -> bool:
 
 
 def _verbose() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and (ctx.find_root().obj or {}).get("verbose"))
+    return _options["verbose"]
 
 
 def command(name: str | None = None):
@@ -108,12 +110,12 @@ def command(name: str | None = None):
 
             where = kwargs.get("workdir") or kwargs.get("out_dir")
             log_file = os.path.join(log_dir(str(where) if where else None), f"{run_name}.log")
-            terminals = nullcontext((out.file, console.file))
+            terminals = nullcontext((sys.stdout, sys.stderr))
             ray_before = _ray_running()
             with terminals if _verbose() else quiet_output(log_file) as streams, _on(*streams):
                 try:
                     return fn(**kwargs)
-                except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+                except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
                     raise
                 except Exception as exc:
                     raise typer.Exit(_fail(exc, log_file)) from exc

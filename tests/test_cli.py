@@ -210,3 +210,16 @@ def test_a_failure_to_import_is_one_line_too(tmp_path, monkeypatch):
     result = run([*TRAIN, str(tmp_path / "w")])
     assert result.exit_code == 1
     assert error_lines(result.output)[-1].startswith("error: ImportError: cannot import name")
+
+
+@pytest.mark.parametrize(("flags", "quiet"), [([], True), (["--verbose"], False)])
+def test_verbose_leaves_the_terminal_to_ray(tmp_path, monkeypatch, flags, quiet):
+    """Quiet by default: a command's output goes through ``quiet_output`` to its log;
+    ``--verbose`` (an option of the app, before the command) leaves the terminal as it is."""
+    import oclear_ray.runtime as runtime
+
+    logs, real = [], runtime.quiet_output
+    monkeypatch.setattr(runtime, "quiet_output", lambda f: logs.append(f) or real(f))
+    args = ["synth", str(tmp_path / "d"), "--docs", "20", "--classes", "4", "--image-size", "16"]
+    assert run([*flags, *args]).exit_code == 0
+    assert logs == ([str(tmp_path / "d" / "logs" / "synth.log")] if quiet else [])
