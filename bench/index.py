@@ -41,8 +41,8 @@ from oclear_ray.index import (
 )
 from oclear_ray.search import (
     ivf_of,
+    knn_overlap,
     normalize,
-    recall_at,
     search_all,
     search_parameters,
     shared_quantizer,
@@ -149,7 +149,7 @@ def sweep(one, variants, xq, gt, exact_qps: float, args) -> list[tuple]:
     for nprobe in [p for p in NPROBE_GRID if p <= min(args.max_nprobe, one.nlist)]:
         fns = [searcher(shards, nprobe, args.k) for shards in ([one], *variants)]
         t1, ts, tv = best_times([lambda f=f: f(xq) for f in fns], args.repeats, args.clock)
-        r1, rs = (recall_at(f(xq[: len(gt)])[1], gt, args.k) for f in fns[:2])
+        r1, rs = (knn_overlap(f(xq[: len(gt)])[1], gt, args.k) for f in fns[:2])
         q1, qs = len(xq) / t1 / exact_qps, len(xq) / ts / exact_qps
         rows.append((nprobe, r1, q1, rs, qs, ts / t1 - 1, tv / t1 - 1))
         if r1 >= 0.999:

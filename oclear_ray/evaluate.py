@@ -104,14 +104,6 @@ def retrieval_metrics(rel: np.ndarray, R: np.ndarray, ks=(1, 5, 10)) -> dict[str
     return {**recall_at(rel, ks), "map@r": map_at_r(rel, R), "ndcg@10": ndcg_at(rel, R, 10)}
 
 
-def overlap_at(found, truth, k: int) -> float:
-    """ANN recall against exact search of catalog rows (-1: padding): ``search.recall_at``, the
-    one home of that measure. Exact search pads nothing: ``truth`` is min(k, documents) wide."""
-    from oclear_ray.search import recall_at as ann_recall
-
-    return ann_recall(found, truth, k)
-
-
 def embed_in_process(encoder, images=None, texts=None, *, doc: bool, batch_size: int = 256):
     """Embeddings [N, D] float32 from an ``ExportedEncoder`` in batches (no Ray)."""
     n = len(images if images is not None else texts)
@@ -464,12 +456,14 @@ def _timed(clock: dict, name: str, start: float) -> float:
 def score(ann: np.ndarray, exact: np.ndarray, labels, docs: Catalog, config: EvalConfig) -> dict:
     """The metrics of the report from ANN and exact catalog rows [queries, ranks]: the ANN
     ones at top level, ``exact``, ANN-vs-exact recall@10, per category, recall curves."""
+    from oclear_ray.search import knn_overlap
+
     R = docs.label_counts(labels)
     rel_ann, rel_exact = relevance(ann, labels, docs.labels), relevance(exact, labels, docs.labels)
     return {
         **retrieval_metrics(rel_ann, R, config.ks),
         "exact": retrieval_metrics(rel_exact, R, config.ks),
-        "ann_vs_exact": {"recall@10": overlap_at(ann, exact, 10)},
+        "ann_vs_exact": {"recall@10": knn_overlap(ann, exact, 10)},
         "per_category": per_category(rel_ann, docs.query_categories(labels, config.category_level)),
         "curves": {
             "ann": recall_curve(rel_ann, config.curve_depth),

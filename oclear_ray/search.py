@@ -214,8 +214,9 @@ def lookup(documents: pa.Table, D: np.ndarray, I: np.ndarray) -> list[list[dict]
     return out
 
 
-def recall_at(I, gt, k: int) -> float:
-    """ANN recall against exact search: the true top-``k`` ids (``gt``) found in the top-``k``
+def knn_overlap(I, gt, k: int) -> float:
+    """ANN recall against exact search (not ``evaluate.recall_at``, the share of queries whose
+    top k holds a relevant document): the true top-``k`` ids (``gt``) found in the top-``k``
     of ``I``, over ``k`` per query (``knn_intersection_measure``; padding ids -1 never match).
     Fewer than ``k`` columns (exact search over fewer documents): over those."""
     if not len(I):
@@ -327,7 +328,7 @@ def tune(
     for value in grid:
         params = [search_parameters(s, {name: value}) for s in shards]
         _, I = search_all(shards, xq, width, params=params, quantizer=quantizer)
-        recall = recall_at(drop_ids(I, own, k) if own is not None else I, truth, k)
+        recall = knn_overlap(drop_ids(I, own, k) if own is not None else I, truth, k)
         if recall >= target:
             return value, recall
         seen.append((value, recall))

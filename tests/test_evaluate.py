@@ -25,7 +25,6 @@ from oclear_ray.evaluate import (
     label_recall,
     map_at_r,
     ndcg_at,
-    overlap_at,
     per_category,
     recall_at,
     recall_curve,
@@ -34,7 +33,7 @@ from oclear_ray.evaluate import (
 )
 from oclear_ray.export import load_query_encoder
 from oclear_ray.index import IndexConfig, sync_index
-from oclear_ray.search import SearchIndex, normalize
+from oclear_ray.search import SearchIndex, knn_overlap, normalize
 from oclear_ray.synth import SynthConfig, generate
 from tests.helpers import catalog_model
 
@@ -93,11 +92,11 @@ def test_per_category_and_ann_overlap():
     got = per_category(rel, ["x", "x", "y", "y"])
     assert got == {"x": {"queries": 2, "recall@1": 0.5}, "y": {"queries": 2, "recall@1": 0.0}}
     # padding in the ANN rows never matches (exact rows have none)
-    assert overlap_at([[1, 2, 3], [7, -1, -1]], [[3, 4, 5], [7, 8, 9]], 3) == pytest.approx(
+    assert knn_overlap([[1, 2, 3], [7, -1, -1]], [[3, 4, 5], [7, 8, 9]], 3) == pytest.approx(
         (1 / 3 + 1 / 3) / 2
     )
     # exact search over 2 documents is 2 wide: the share of those 2
-    assert overlap_at([[1, -1, -1], [5, 6, -1]], [[0, 1], [6, 5]], 10) == pytest.approx(3 / 4)
+    assert knn_overlap([[1, -1, -1], [5, 6, -1]], [[0, 1], [6, 5]], 10) == pytest.approx(3 / 4)
 
 
 def test_ann_overlap_equals_the_hand_written_share_it_replaced():
@@ -112,7 +111,7 @@ def test_ann_overlap_equals_the_hand_written_share_it_replaced():
         return len(set(a[:10]) & set(b[:10]) - {-1}) / len(set(b[:10]))
 
     want = np.mean([share(a, b) for a, b in zip(found, truth, strict=True)])
-    assert overlap_at(found, truth, 10) == pytest.approx(want)
+    assert knn_overlap(found, truth, 10) == pytest.approx(want)
 
 
 class FakeEncoder:

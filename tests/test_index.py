@@ -36,10 +36,10 @@ from oclear_ray.search import (
     IndexRefused,
     SearchIndex,
     coarse_assign,
+    knn_overlap,
     merge,
     normalize,
     read_manifest,
-    recall_at,
     search_parameters,
     search_shard,
 )
@@ -152,7 +152,7 @@ def test_ivf_shards_own_whole_lists_and_equal_one_ivf_index(tmp_path):
     np.testing.assert_allclose(D_, D_ref, rtol=1e-5)
 
 
-def test_recall_at_gives_the_hand_written_measure_it_replaced():
+def test_knn_overlap_gives_the_hand_written_measure_it_replaced():
     """FAISS's measure gives the share of ``k`` found that the hand-written count gave, with
     padding (-1) in the results and in the truth (the tuner's, for a few documents)."""
     rng = np.random.default_rng(0)
@@ -160,8 +160,8 @@ def test_recall_at_gives_the_hand_written_measure_it_replaced():
     I = np.array([rng.permutation(15)[:10] for _ in range(40)])
     gt[:, 8:], I[rng.random(I.shape) < 0.2] = -1, -1
     want = sum(len(set(a) & set(b) - {-1}) for a, b in zip(I, gt, strict=True)) / (10 * 40)
-    assert recall_at(I, gt, 10) == pytest.approx(want)
-    assert recall_at(I[:0], gt[:0], 10) == 1.0
+    assert knn_overlap(I, gt, 10) == pytest.approx(want)
+    assert knn_overlap(I[:0], gt[:0], 10) == 1.0
 
 
 @pytest.mark.parametrize(
