@@ -64,7 +64,9 @@ def _version(manifest: dict) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so readers never see a partial file."""
+    """Write through ``write(tmp_path)`` then rename, so readers never see a partial file.
+    (``storage.open_output`` is the project's one atomic writer, but it needs pyarrow, and the
+    export must load where only torch is installed: the GPU check's machine.)"""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from dataclasses import replace as dataclasses_replace
@@ -184,15 +183,10 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 def save_index(index: faiss.Index, path: str) -> str:
-    """Write ``index`` under a temporary name, rename it to ``path``; return its sha256."""
-    if storage.is_uri(path):
-        data = faiss.serialize_index(index)
-        storage.write_bytes(path, memoryview(data))
-        return file_sha256(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    """Write ``index`` to ``path`` (a local path or a URI), published whole, streamed through
+    FAISS's callback writer (no copy of the index in memory); return its sha256."""
+    with storage.open_output(path) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
     return file_sha256(path)
 
 

@@ -24,7 +24,6 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -32,9 +31,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from oclear_ray import storage
 from oclear_ray.contract import columns
 
 # What ``generate`` writes: the contract's columns (no image paths), and a price per document.
@@ -915,25 +914,15 @@ def _query_row(i: int, plan: _Plan, query_id: str, config: SynthConfig) -> dict:
     }
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to path; rename it onto path on success, remove it on error."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_parquet(
     path: Path, schema: pa.Schema, rows: Iterator[dict], group: int, tick: Callable[[int], None]
 ) -> None:
-    """Stream rows into path in row groups of group rows."""
-    with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        while chunk := [row for _, row in zip(range(group), rows, strict=False)]:
-            writer.write_table(pa.Table.from_pylist(chunk, schema=schema), row_group_size=group)
-            tick(len(chunk))
+    """Stream rows into path (published whole) in row groups of group rows."""
+    sink = storage.ParquetSink(str(path), schema)
+    while chunk := [row for _, row in zip(range(group), rows, strict=False)]:
+        sink.write(pa.Table.from_pylist(chunk, schema=schema))
+        tick(len(chunk))
+    sink.close()
 
 
 def _ticker(progress: Callable[[int], None] | None) -> Callable[[int], None]:
@@ -1043,8 +1032,7 @@ def generate(
         rows = (_query_row(i, plan, query_ids[i], config) for i in picked)
         _write_parquet(paths[key], QUERY_SCHEMA, rows, group, tick)
     truth = _truth(plan, config)
-    with _atomic(paths["truth"]) as tmp:
-        tmp.write_text(json.dumps(truth, indent=1) + "\n")
+    storage.write_bytes(str(paths["truth"]), (json.dumps(truth, indent=1) + "\n").encode())
     return {"paths": {key: str(path) for key, path in paths.items()}, "counts": truth["counts"]}
 
 
