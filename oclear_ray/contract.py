@@ -184,7 +184,7 @@ def _row_reason(row_id, image, image_path, text, contract, limits):
     return None, image
 
 
-def fingerprint(row_id, image, text, row_hash=None) -> str:
+def row_fingerprint(row_id, image, text, row_hash=None) -> str:
     """A short hash telling two rows with one id apart: their source position when the reader
     gave one (``row_hash``), else their content."""
     h = hashlib.sha1(str(row_id).encode())
@@ -215,7 +215,7 @@ def check_rows(table: pa.Table, contract: Contract, limits: Limits) -> pa.Table:
     rows = table.column(ROW_HASH).to_pylist() if ROW_HASH in table.column_names else None
     rows = rows or [None] * table.num_rows
     prints = [
-        fingerprint(i, b, t, r) for i, b, t, r in zip(ids, resolved, texts, rows, strict=True)
+        row_fingerprint(i, b, t, r) for i, b, t, r in zip(ids, resolved, texts, rows, strict=True)
     ]
     index = table.schema.get_field_index("image")
     table = table.set_column(index, "image", pa.array(resolved, pa.binary()))
