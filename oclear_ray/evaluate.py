@@ -518,7 +518,6 @@ def evaluate(
     """
     from oclear_ray.embed import vectors_of
     from oclear_ray.search import SearchIndex, normalize
-    from oclear_ray.tracking import record_evaluation
 
     config = config or EvalConfig()
     workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory
@@ -552,10 +551,16 @@ def evaluate(
     grid = query_grid(table, docs, ann, rel, config, validation.good, catalog, workdir)
     _timed(clock, "grid_s", t)
     report["timing_s"] = {**clock, "total_s": round(time.perf_counter() - start, 3)}
-    report_dir = report_dir or storage.join(workdir, "eval")
+    _publish(report, grid, report_dir or storage.join(workdir, "eval"), tracking)
+    return report
+
+
+def _publish(report: dict, grid: list, report_dir: str, tracking) -> None:
+    """report.json and report.html in ``report_dir``, and the MLflow run of ``tracking``."""
+    from oclear_ray.tracking import record_evaluation
+
     write_report(report_dir, report, grid)
     record_evaluation(tracking, report, report_dir)
-    return report
 
 
 # ---------------------------------------------------------------------------- the HTML report
