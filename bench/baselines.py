@@ -132,6 +132,25 @@ def _draw(data: dict, n: int, rng: np.random.Generator) -> dict:
     return {k: v[rows] for k, v in data.items()}
 
 
+def _bare_batch(docs, qs, cfg: TrainConfig, rng, device):
+    """One step's batch, drawn and augmented as the platform's Ray Data pipeline does."""
+    d = augment_docs(
+        _draw(docs, cfg.data.batch_size, rng),
+        augment=cfg.data.augment,
+        doc_as_query_rate=cfg.data.doc_as_query_rate,
+        view=cfg.data.doc_query_view,
+        strength=cfg.data.augment_strength,
+    )
+    q = augment_queries(
+        _draw(qs, cfg.data.query_batch_size, rng),
+        augment=cfg.data.augment,
+        strength=cfg.data.augment_strength,
+    )
+    torch_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
+    q_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in q.items()}
+    return _make_batch(torch_batch, q_batch, cfg.model.preprocess, device)
+
+
 def train_bare(
     cfg: TrainConfig,
     catalog: pa.Table,
@@ -165,21 +184,7 @@ def train_bare(
     rng, step, seen, started = np.random.default_rng(cfg.run.seed), 0, 0, time.time()
     budget = 60 * (minutes or float("inf"))
     while (progress := cfg.progress(step, (time.time() - started) / budget)) < 1.0:
-        d = augment_docs(
-            _draw(docs, cfg.data.batch_size, rng),
-            augment=cfg.data.augment,
-            doc_as_query_rate=cfg.data.doc_as_query_rate,
-            view=cfg.data.doc_query_view,
-            strength=cfg.data.augment_strength,
-        )
-        q = augment_queries(
-            _draw(qs, cfg.data.query_batch_size, rng),
-            augment=cfg.data.augment,
-            strength=cfg.data.augment_strength,
-        )
-        torch_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
-        q_batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in q.items()}
-        batch = _make_batch(torch_batch, q_batch, pre, device)
+        batch = _bare_batch(docs, qs, cfg, rng, device)
         _set_lr(cfg, step, progress, optim, head_optim)
         loss = train_step(
             model,
