@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +55,37 @@ def ray_cluster(tmp_path_factory, s3_server):
 
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_INTERVAL_MS))
-    init_ray(num_cpus=4)
+    for attempt in (1, 2):
+        # Ray gives its raylet a fixed 30 s to register; on a saturated machine that can run
+        # out: what the failed start left running is stopped and the start tried again.
+        before = _children()
+        try:
+            init_ray(num_cpus=4)
+            break
+        except Exception:
+            ray.shutdown()
+            _kill(_children() - before)
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
+
+
+def _children() -> set[int]:
+    """Live processes whose parent is this one (Linux /proc)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == os.getpid():
+                found.add(int(pid))
+    return found
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""Shared storage for real: the storage layer, the model export, the whole pipeline, search and
-serving on ``s3://`` against a real S3-protocol server (moto's, ``tests/s3_server.py``), a
-training worker killed mid-run resuming from its S3 checkpoint, and an S3 outage in the middle
-of an embedding job."""
+"""Shared storage for real: the storage layer, the model export, the whole pipeline (governance
+in ``auto`` mode, its probe trainings deciding the class map), search and serving on ``s3://``
+against a real S3-protocol server (moto's, ``tests/s3_server.py``), a training worker killed
+mid-run resuming from its S3 checkpoint, and an S3 outage in the middle of an embedding job."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from oclear_ray.cli import _start_app, _stop_app, app
 from oclear_ray.demo import first_query, search_over_http, wait_ready
 from oclear_ray.embed import EmbedConfig, embed_catalog, read_parts, read_summary, summary_parts
 from oclear_ray.export import load_query_encoder
+from oclear_ray.pipeline import read_stamp
 from oclear_ray.serve import Paths, check_versions
 from oclear_ray.synth import SynthConfig, generate
 from tests.test_pipeline import TINY, stage_statuses
@@ -121,8 +122,9 @@ def _kill_a_worker_after_an_s3_checkpoint(runs: str, stop: threading.Event, kill
 @pytest.fixture(scope="module")
 def s3_pipeline(ray_cluster, s3_server, tmp_path_factory):
     """``oclear pipeline`` with catalog, queries and work directory on s3://, run from an
-    empty directory (nothing may land on local disk), one training worker killed after the
-    first checkpoint."""
+    empty directory (nothing may land on local disk), governance in ``auto`` mode (two probe
+    trainings decide whether training applies the class map), one training worker killed after
+    the first checkpoint."""
     local = tmp_path_factory.mktemp("s3-data")
     generate(local, SynthConfig(docs=150, classes=20, noise=0.1, seed=0))
     uris = _s3_inputs(s3_server, local)
@@ -134,7 +136,7 @@ def s3_pipeline(ray_cluster, s3_server, tmp_path_factory):
         "run": {"workers": 1, "checkpoint_every": 4, "log_every": 4, "max_failures": 2},
     }
     (local / "tiny.yaml").write_text(yaml.safe_dump(config))
-    args = ["pipeline", "--config", str(local / "tiny.yaml"), "--govern", "apply"]
+    args = ["pipeline", "--config", str(local / "tiny.yaml"), "--govern", "auto"]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in uris.items()]
     cwd, stop, killed = os.getcwd(), threading.Event(), []
     killer = threading.Thread(
@@ -177,6 +179,30 @@ def test_pipeline_on_s3_runs_every_stage_and_resumes_training_from_s3(s3_pipelin
     report = json.loads(storage.read_bytes(f"{w}/eval/report.json"))
     assert report["n_documents"] == 150 and report["n_queries"] > 0
     print(f"S3 pipeline: {s3_pipeline['seconds']:.0f} s")
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+@pytest.mark.ray
+def test_auto_governance_applies_the_map_only_when_its_probe_scores_higher(s3_pipeline):
+    """``--govern auto`` (the S3 pipeline's): governance runs two probe trainings on held-out
+    training-query classes, and training uses the class map exactly when the probe on it
+    scored higher."""
+    result, w = s3_pipeline["result"], s3_pipeline["uris"]["workdir"]
+    assert result.exit_code == 0, result.output
+    assert stage_statuses(result.output)["govern"] == "done"
+    choice = read_stamp(w, "govern")["output"]["choice"]
+    assert choice["mode"] == "auto" and sum(choice["changes"].values()) > 0
+    raw, governed = choice["validation"]["raw"], choice["validation"]["governed"]
+    assert raw["queries"] == governed["queries"] > 0
+    assert 0.0 <= raw["recall@1"] <= 1.0 and 0.0 <= governed["recall@1"] <= 1.0
+    assert choice["apply"] == (governed["recall@1"] > raw["recall@1"])
+    assert read_json(f"{w}/govern/report.json")["choice"] == choice
+    proposed = read_json(f"{w}/govern/class_map.json")["version"]
+    used = read_json(f"{w}/train/model/class_map.json")["version"]
+    assert (used == proposed) == choice["apply"]
 
 
 @pytest.mark.ray

@@ -108,19 +108,7 @@ def test_augment_docs_adds_outline_query_views():
 def small_config(*, workers: int, fuse_steps: int) -> TrainConfig:
     return TrainConfig.from_dict(
         {
-            "model": {
-                "image": {"name": "resnet10t"},
-                "text": {
-                    "hidden_size": 32,
-                    "num_layers": 1,
-                    "num_heads": 2,
-                    "intermediate_size": 64,
-                    "max_position_embeddings": 16,
-                },
-                "fusion": {"dim": 32, "num_heads": 2, "num_concepts": 2},
-                "preprocess": {"image_size": 32, "max_text_length": 16},
-                "embed_dim": 32,
-            },
+            "model": TINY_MODEL,
             "data": {"batch_size": 8, "query_batch_size": 4},
             "schedule": [
                 {"name": "align", "steps": 4, "towers": "image"},
@@ -170,10 +158,18 @@ def _kill_a_worker_after_a_checkpoint(run_dir, stop: threading.Event, killed: li
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A synthetic catalog and query photos for the module's trainings, and one folder for
+    their clean copies (``fit(cache=)``): each input is checked once for the module."""
+    root = tmp_path_factory.mktemp("train-inputs")
+    generate(root / "data", SynthConfig(docs=160, classes=24, queries_per_class=2, seed=3))
+    return root / "data", str(root / "clean")
+
+
 @pytest.mark.ray
-def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, tmp_path):
-    data = tmp_path / "data"
-    generate(data, SynthConfig(docs=160, classes=24, queries_per_class=2, seed=3))
+def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, tmp_path):
+    data, cache = inputs
     workdir = str(tmp_path / "work")
     run_dir = os.path.join(workdir, "train", "runs", "train")
 
@@ -188,6 +184,7 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, tmp_path)
             catalog=str(data / "catalog.parquet"),
             queries=str(data / "queries.parquet"),
             workdir=workdir,
+            cache=cache,
         )
     finally:
         stop.set()
@@ -204,6 +201,7 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, tmp_path)
         catalog=str(data / "catalog.parquet"),
         queries=str(data / "queries.parquet"),
         workdir=workdir,
+        cache=cache,
     )
     assert second.metrics["resumed_from"] == 40  # the 2-worker checkpoint, loaded by 1 worker
     assert second.metrics["step"] == 48
@@ -214,17 +212,17 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, tmp_path)
 
 
 @pytest.mark.ray
-def test_a_time_budget_is_filled_at_one_step_boundary(ray_cluster, tmp_path):
+def test_a_time_budget_is_filled_at_one_step_boundary(ray_cluster, inputs, tmp_path):
     """schedule_by time: a schedule of 10,004 steps in a 24 s budget ends when the time does,
     at the end of its last stage with the learning rate decayed (progress 1), both workers at
     the same step, with time left to export."""
-    data = tmp_path / "data"
-    generate(data, SynthConfig(docs=96, classes=12, queries_per_class=1, seed=5))
+    data, cache = inputs
     cfg = small_config(workers=2, fuse_steps=10_000)
     run = dataclasses.replace(cfg.run, max_minutes=0.4, schedule_by="time", log_every=50)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(run, checkpoint_every=100_000))
     started = time.monotonic()
-    result = fit(cfg, catalog=str(data / "catalog.parquet"), workdir=str(tmp_path / "w"))
+    catalog = str(data / "catalog.parquet")
+    result = fit(cfg, catalog=catalog, workdir=str(tmp_path / "w"), cache=cache)
     took = time.monotonic() - started
     assert 1 <= result.steps == result.metrics["step"] < cfg.total_steps, result.metrics
     assert result.metrics["progress"] == 1.0 and result.metrics["stage"] == "fuse"
