@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+MARK = "bench-pipeline: "  # the child's figures line (Ray may print after it)
 
 # Imported at start-up by every Python process of a run (driver, Ray workers, actors): counts
 # decodes, one line per decode naming the oclear_ray function on the stack that asked for it.
@@ -74,7 +75,7 @@ def child(args) -> None:
     results = run_pipeline(cfg)
     total = time.perf_counter() - start
     stages = {name: r.seconds for name, r in results.items()}
-    print(json.dumps({"total_s": round(total, 1), "stages_s": stages}))
+    print(MARK + json.dumps({"total_s": round(total, 1), "stages_s": stages}), flush=True)
 
 
 def _rows(path: str | None) -> int:
@@ -98,7 +99,8 @@ def run(tree: Path, data: dict, args, tmp: Path, name: str) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
     if out.returncode:
         raise SystemExit(f"{name} run failed:\n{out.stderr[-4000:]}")
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    line = next(x for x in out.stdout.splitlines() if x.startswith(MARK))
+    figures = json.loads(line[len(MARK) :])
     counts = Counter()
     for f in decodes.iterdir():
         counts.update(f.read_text().split())
@@ -149,9 +151,10 @@ def main() -> None:
         tmp = Path(tmp)
         data = _data(args, tmp)
         trees = {"after": HERE} | ({"before": Path(args.before).resolve()} if args.before else {})
-        runs = {name: run(tree, data, args, tmp, name) for name, tree in trees.items()}
-    for name, figures in runs.items():
-        print(f"{name}: {json.dumps(figures)}")
+        runs = {}
+        for name, tree in trees.items():
+            runs[name] = run(tree, data, args, tmp, name)
+            print(f"{name}: {json.dumps(runs[name])}", flush=True)
     if "before" in runs:
         a, b = runs["after"], runs["before"]
         print(
