@@ -173,19 +173,18 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, t
     workdir = str(tmp_path / "work")
     run_dir = os.path.join(workdir, "train", "runs", "train")
 
+    def train(workers: int, fuse_steps: int):
+        catalog, queries = str(data / "catalog.parquet"), str(data / "queries.parquet")
+        cfg = small_config(workers=workers, fuse_steps=fuse_steps)
+        return fit(cfg, catalog=catalog, queries=queries, workdir=workdir, cache=cache)
+
     stop, killed = threading.Event(), []
     killer = threading.Thread(
         target=_kill_a_worker_after_a_checkpoint, args=(run_dir, stop, killed)
     )
     killer.start()
     try:
-        first = fit(
-            small_config(workers=2, fuse_steps=36),
-            catalog=str(data / "catalog.parquet"),
-            queries=str(data / "queries.parquet"),
-            workdir=workdir,
-            cache=cache,
-        )
+        first = train(workers=2, fuse_steps=36)
     finally:
         stop.set()
         killer.join()
@@ -196,13 +195,7 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, t
     doc = load_doc_encoder(first.model_dir)
     version = doc.model_version
 
-    second = fit(
-        small_config(workers=1, fuse_steps=44),
-        catalog=str(data / "catalog.parquet"),
-        queries=str(data / "queries.parquet"),
-        workdir=workdir,
-        cache=cache,
-    )
+    second = train(workers=1, fuse_steps=44)
     assert second.metrics["resumed_from"] == 40  # the 2-worker checkpoint, loaded by 1 worker
     assert second.metrics["step"] == 48
     query = load_query_encoder(second.model_dir)
