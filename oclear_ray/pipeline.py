@@ -323,7 +323,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
     import pyarrow.compute as pc
 
     from oclear_ray.contract import CATALOG, QUERIES
-    from oclear_ray.read import prepare
+    from oclear_ray.read import adopt, prepare
     from oclear_ray.train import fit
 
     probe_dir, cache = storage.join(workdir, "govern", "probe"), storage.join(workdir, "clean")
@@ -338,6 +338,7 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
         return None
     train_path = storage.join(probe_dir, "train_queries.parquet")
     storage.write_parquet(train_path, [train_queries], train_queries.schema)
+    adopt(train_path, QUERIES, probe_dir, cache=cache)  # clean rows already: not checked again
     docs = prepare(cfg.catalog, CATALOG, probe_dir, cache=cache).table()
     steps = min(cfg.probe_steps, cfg.train.total_steps)
     train = cfg.train.with_total_steps(steps)

@@ -369,9 +369,7 @@ def prepare(
     limits, workdir = limits or Limits(), storage.absolute(workdir)
     fmt = format or detect_format(path)
     quarantine = quarantine or quarantine_for(path, contract, workdir)
-    source = [storage.absolute(path), storage.fingerprint(path), contract.kind, fmt]
-    key = hashlib.sha256(json.dumps([*source, asdict(limits)]).encode()).hexdigest()[:16]
-    home = storage.join(cache or storage.join(workdir, "clean"), f"{contract.kind}-{key}")
+    home, source = _home(path, contract, workdir, fmt, limits, cache)
     done = storage.join(home, "report.json")
     if storage.exists(done):
         saved = json.loads(storage.read_bytes(done))
@@ -399,6 +397,32 @@ def prepare(
     storage.write_bytes(done, json.dumps(saved).encode())
     storage.copy_file(report.quarantine_path, quarantine)
     return Prepared(storage.join(home, rows), replace(report, quarantine_path=str(quarantine)))
+
+
+def _home(path, contract: Contract, workdir: str, fmt: str, limits: Limits, cache):
+    """The folder of ``path``'s clean copy, and what its key is made of."""
+    source = [storage.absolute(path), storage.fingerprint(path), contract.kind, fmt]
+    key = hashlib.sha256(json.dumps([*source, asdict(limits)]).encode()).hexdigest()[:16]
+    return storage.join(cache or storage.join(workdir, "clean"), f"{contract.kind}-{key}"), source
+
+
+def adopt(path: str, contract: Contract, workdir: str, *, cache: str | None = None) -> Prepared:
+    """Record ``path``, a parquet file written from rows ``prepare`` kept (a split of a clean
+    copy, e.g. the probes' training queries), as its own clean copy: a later ``prepare`` of it
+    checks nothing again."""
+    limits, workdir = Limits(), storage.absolute(workdir)
+    home, source = _home(path, contract, workdir, detect_format(path), limits, cache)
+    fs, local = storage.resolve(path)
+    table = pq.read_table(local, filesystem=fs)
+    rows = f"rows-{uuid.uuid4().hex[:8]}"
+    storage.copy_file(path, storage.join(home, rows, "part-0.parquet"))
+    storage.ParquetSink(storage.join(home, "quarantine.parquet"), table.schema).close()
+    report = ValidationReport(kind=contract.kind, rows=table.num_rows, good=table.num_rows)
+    report.label_set.update(v for v in table.column("label").to_pylist() if v)
+    report.quarantine_path = storage.join(home, "quarantine.parquet")
+    saved = {"source": source, "rows": rows, "report": _saved(report)}
+    storage.write_bytes(storage.join(home, "report.json"), json.dumps(saved).encode())
+    return Prepared(storage.join(home, rows), report)
 
 
 def _saved(report: ValidationReport) -> dict:

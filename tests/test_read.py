@@ -212,3 +212,26 @@ def test_prepare_keeps_exactly_the_rows_it_judged_good(ray_cluster, tmp_path):
     assert sorted((r["doc_id"], r["price"]) for r in rows) == [("a", 0), ("b", 1), ("d", 5)]
     assert "reason" not in rows[0] and "row_hash" not in rows[0]
     assert "fingerprint" not in rows[0]
+
+
+def test_an_adopted_split_of_clean_rows_is_not_checked_again(ray_cluster, tmp_path, monkeypatch):
+    """The probes' training split, written from a clean copy's rows: ``prepare`` of it reads
+    the adopted copy (no pass over its rows) with every row good and its labels."""
+    import oclear_ray.read as read_module
+    from oclear_ray.read import adopt
+
+    path = str(tmp_path / "c.parquet")
+    write_catalog(path, [f"d{i}" for i in range(6)], [png_bytes()] * 6)
+    rows = prepare(path, CATALOG, str(tmp_path / "w")).table()
+    split = str(tmp_path / "split.parquet")
+    pq.write_table(rows.slice(0, 4), split)
+    adopt(split, CATALOG, str(tmp_path / "w"))
+    passes, real = [], read_module.read
+    monkeypatch.setattr(read_module, "read", lambda *a, **k: passes.append(1) or real(*a, **k))
+    again = prepare(split, CATALOG, str(tmp_path / "w"))
+    assert passes == [] and (again.report.rows, again.report.good) == (4, 4)
+    assert again.report.label_set == {"c0", "c1", "c2", "c3"}
+    assert sorted(r["doc_id"] for r in again.dataset().take_all()) == sorted(
+        rows.column("doc_id").to_pylist()[:4]
+    )
+    assert pq.read_table(again.report.quarantine_path).num_rows == 0
