@@ -446,8 +446,6 @@ def fusion_ablation(docs: Catalog, xq, labels, *, workdir, model_dir, config, ca
 
 
 def _timed(clock: dict, name: str, start: float) -> float:
-    import time
-
     now = time.perf_counter()
     clock[name] = round(now - start, 3)
     return now

@@ -413,12 +413,13 @@ def adopt(path: str, contract: Contract, workdir: str, *, cache: str | None = No
     limits, workdir = Limits(), storage.absolute(workdir)
     home, source = _home(path, contract, workdir, detect_format(path), limits, cache)
     fs, local = storage.resolve(path)
-    table = pq.read_table(local, filesystem=fs)
+    labels = pq.read_table(local, columns=["label"], filesystem=fs).column("label")  # no images
     rows = f"rows-{uuid.uuid4().hex[:8]}"
     storage.copy_file(path, storage.join(home, rows, "part-0.parquet"))
-    storage.ParquetSink(storage.join(home, "quarantine.parquet"), table.schema).close()
-    report = ValidationReport(kind=contract.kind, rows=table.num_rows, good=table.num_rows)
-    report.label_set.update(v for v in table.column("label").to_pylist() if v)
+    schema = pq.read_schema(local, filesystem=fs)
+    storage.ParquetSink(storage.join(home, "quarantine.parquet"), schema).close()
+    report = ValidationReport(kind=contract.kind, rows=len(labels), good=len(labels))
+    report.label_set.update(v for v in labels.to_pylist() if v)
     report.quarantine_path = storage.join(home, "quarantine.parquet")
     saved = {"source": source, "rows": rows, "report": _saved(report)}
     storage.write_bytes(storage.join(home, "report.json"), json.dumps(saved).encode())
