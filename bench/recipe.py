@@ -2,7 +2,8 @@
 evaluation queries.
 
     python bench/recipe.py [--data ../shared/data/logos-dev] [--steps 300 | --minutes M]
-                           [--val-share 0.3] [--seeds 0] --try NAME=KEY=VALUE,KEY=VALUE ...
+                           [--val-share 0.3] [--split class|photo] [--seeds 0]
+                           --try NAME=KEY=VALUE,KEY=VALUE ...
 
 A share of the training queries' classes (by a hash of the label) is held out: their queries are
 the validation queries, and those classes reach training only through their documents, as the
@@ -47,6 +48,13 @@ def parse_args():
     p.add_argument("--minutes", type=float, default=None, help="a time budget instead of steps")
     p.add_argument("--workers", type=int, default=2, help="cores, as the platform's workers")
     p.add_argument("--val-share", type=float, default=0.3)
+    p.add_argument(
+        "--split",
+        choices=("class", "photo"),
+        default="class",
+        help="hold out classes (unseen products) or a share of each class's photos (new photos "
+        "of seen products, what the demo measures)",
+    )
     p.add_argument("--keep", default=None, help="keep each exported model under this folder")
     p.add_argument(
         "--shape-size", type=int, default=16, help="for a model without its own shape code"
@@ -65,13 +73,27 @@ def parse_args():
     return p.parse_args()
 
 
-def validation_split(queries: pa.Table, share: float) -> tuple[pa.Table, pa.Table]:
-    """(training, validation) queries, split by class on a hash of the label."""
+def _hashed(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8
 
-    def held(label: str) -> bool:
-        return int(hashlib.sha1(label.encode()).hexdigest()[:8], 16) / 16**8 < share
 
-    mask = pa.array([held(str(v)) for v in queries["label"].to_pylist()])
+def validation_split(
+    queries: pa.Table, share: float, by: str = "class"
+) -> tuple[pa.Table, pa.Table]:
+    """(training, validation) queries, split on a hash: of the label (``by="class"``: held-out
+    classes) or of the query id (``"photo"``: held-out photos; a class keeps at least one
+    training photo)."""
+    labels = [str(v) for v in queries["label"].to_pylist()]
+    if by == "class":
+        held = [_hashed(label) < share for label in labels]
+    else:
+        held = [_hashed(str(q)) < share for q in queries["query_id"].to_pylist()]
+        kept = {label for label, h in zip(labels, held, strict=True) if not h}
+        for i, label in enumerate(labels):  # a class whose photos were all drawn keeps one
+            if label not in kept:
+                held[i] = False
+                kept.add(label)
+    mask = pa.array(held)
     return queries.filter(pc.invert(mask)), queries.filter(mask)
 
 
@@ -145,11 +167,11 @@ def _text_only(query, texts) -> np.ndarray:
 def main(args):
     catalog = pq.read_table(os.path.join(args.data, "catalog.parquet"))
     train_q, val_q = validation_split(
-        pq.read_table(os.path.join(args.data, "train_queries.parquet")), args.val_share
+        pq.read_table(os.path.join(args.data, "train_queries.parquet")), args.val_share, args.split
     )
     print(
         f"{args.data}: {train_q.num_rows} training queries, {val_q.num_rows} validation queries "
-        f"of {len(set(val_q['label'].to_pylist()))} held-out classes"
+        f"of {len(set(val_q['label'].to_pylist()))} classes (split by {args.split})"
     )
     cat, val = catalog.to_pydict(), val_q.to_pydict()
     rows = []

@@ -30,6 +30,7 @@ def main(args) -> None:
         train=training_config(vars(args)),
         fusion_ablation=args.fusion_ablation,
         govern_mode=args.govern,
+        views=args.views,
     )
 
     def log(stage, status, info):

@@ -401,8 +401,10 @@ def embed(
     use_gpu: bool | None = typer.Option(
         None, "--use-gpu/--no-gpu", help="One GPU per actor; default: when the cluster has GPUs."
     ),
-    image_only: bool = typer.Option(
-        False, "--image-only", help="Embed documents from their image alone (fusion ablation)."
+    doc_view: str | None = typer.Option(
+        None,
+        help="Embed documents 'fused' or 'image_only' instead of the model's own view "
+        "(the fusion ablation).",
     ),
     address: RayAddress = None,
     *,
@@ -578,6 +580,11 @@ def pipeline(
     fusion_ablation: bool = typer.Option(
         False, "--fusion-ablation", help="Also evaluate image-only document embeddings."
     ),
+    views: str = typer.Option(
+        "class",
+        help="How training queries are held out to choose the document view and shape weight: "
+        "class (unseen classes), photo (new photos of seen ones) or off.",
+    ),
     set_: Sets = None,
     tracking_uri: TrackingUri = None,
     address: RayAddress = None,
@@ -591,6 +598,7 @@ def pipeline(
     if govern not in GOVERN_MODES:
         raise ValueError(f"--govern must be one of {GOVERN_MODES}, got {govern!r}")
     cfg = PipelineConfig(
+        views=views,
         catalog=catalog,
         workdir=workdir,
         queries=queries,
@@ -607,10 +615,11 @@ def pipeline(
 @command()
 def demo(
     workdir: str = typer.Option("runs/demo", help="Work directory (data in WORKDIR/data)."),
-    docs: int = typer.Option(1000, help="Synthetic documents."),
-    classes: int = typer.Option(100, help="Synthetic products."),
-    queries_per_class: int = typer.Option(4, help="Photos per product (half the products)."),
-    steps: int = typer.Option(300, help="Training steps."),
+    docs: int = typer.Option(400, help="Synthetic documents."),
+    classes: int = typer.Option(40, help="Synthetic products."),
+    queries_per_class: int = typer.Option(8, help="Photos per product (half the products)."),
+    steps: int | None = typer.Option(None, help="Training steps (default: fill --max-minutes)."),
+    max_minutes: float = typer.Option(3.0, help="Training wall-time budget: the schedule."),
     config: ConfigFile = None,
     workers: Workers = None,
     host: str = typer.Option("127.0.0.1", help="HTTP host of the search page."),
@@ -623,10 +632,15 @@ def demo(
 ):
     """Synthesize a small catalog, run the whole pipeline on it (evaluated on new photos of
     catalog products, and on products never photographed), serve the search page and search it
-    once with a new photo of a catalog product."""
+    once with a new photo of a catalog product. Without ``--config`` it trains the demo's
+    recipe (``demo.RECIPE``: the CPU default at 32 px, for its photos)."""
     from oclear_ray import demo as steps_of
     from oclear_ray.pipeline import PipelineConfig
     from oclear_ray.tracking import tracking_for
+
+    options = dict(ctx.params)
+    if config is None:
+        options["set_"] = [*steps_of.RECIPE, *(set_ or [])]
 
     with console.status("demo: drawing the synthetic catalog"):
         data = steps_of.ensure_data(
@@ -637,10 +651,12 @@ def demo(
         workdir=workdir,
         queries=data["queries"],
         eval_queries=data["new_photos"],
-        train=training_config(ctx.params),
+        train=training_config(options),
         # its catalog has planted label noise that governance is measured to fix
         # (bench/governance.py); a probe would double the demo's training time
         govern_mode="apply",
+        # its users photograph products training saw: the view is chosen on new photos of them
+        views="photo",
         tracking=tracking_for(workdir, tracking_uri),
     )
     _init_ray()
@@ -806,7 +822,9 @@ def headline(stage: str, out: dict, report: dict | None = None) -> str:
         return "class map " + ("applied" if out["choice"].get("apply") else "not applied")
     if stage == "train":
         loss = f", loss {report['loss']:.3f}" if report else ""
-        return f"{out.get('steps', '?')} steps{loss}"
+        views = out.get("views")
+        view = f"; {views['doc_view']} docs, shape {views['shape_weight']:g}" if views else ""
+        return f"{out.get('steps', '?')} steps{loss}{view}"
     if stage == "embed" and "embedded" in out:
         return f"{out['embedded']} documents embedded"
     if stage == "index" and "count" in out:

@@ -8,10 +8,12 @@ a storage outage, or with a catalog holding new documents) embeds only the ids n
 after deleting the parts of any other model version. ``embed.json`` is written last: the
 embeddings are complete, and it names the parts readers use (:func:`summary_parts`).
 
-``EmbedConfig(image_only=True)`` embeds documents from their image alone (the fusion ablation):
-such embeddings carry the version ``<model_version>+image-only``, so they never mix with fused
-parts, an index built from them is rebuilt when the embeddings change kind, and a server running
-the plain model refuses it.
+Documents are embedded in the model's own document view (``export.ExportedEncoder.doc_view``:
+fused with their text, or their image alone, as the pipeline chose on validation queries).
+``EmbedConfig(doc_view=...)`` embeds them the other way (the fusion ablation): such embeddings
+carry the version ``<model_version>+image-only`` (or ``+fused``), so they never mix with parts
+of the model's own view, an index built from them is rebuilt when the embeddings change kind, and
+a server running the model refuses it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ FORMAT = "oclear-ray/embeddings/v1"
 SUMMARY_FILE = "embed.json"
 VERSION_KEY = b"oclear.model_version"
 FIRST_COLUMNS = ("doc_id", "vector", "model_version")
-IMAGE_ONLY_SUFFIX = "+image-only"
+#: a document's embedding: fused with its text, or from its image alone
+DOC_VIEWS = ("fused", "image_only")
+#: the mark on the version of embeddings not made in the model's own document view
+VIEW_SUFFIX = {"fused": "+fused", "image_only": "+image-only"}
 
 
-def embedding_version(model_version: str, image_only: bool) -> str:
-    """The version embeddings carry: the model's, marked when documents were embedded from
-    their image alone."""
-    return model_version + IMAGE_ONLY_SUFFIX if image_only else model_version
+def embedding_version(model_version: str, view: str, own_view: str = "fused") -> str:
+    """The version embeddings carry: the model's, marked when documents were embedded in a
+    view other than the model's own (``own_view``)."""
+    return model_version if view == own_view else model_version + VIEW_SUFFIX[view]
 
 
 @dataclass(kw_only=True)
@@ -45,8 +50,8 @@ class EmbedConfig:
 
     ``threads_per_actor`` defaults to the actor's whole CPUs (at least 1): Ray sets
     ``OMP_NUM_THREADS`` from the CPU request, which for fractional CPUs is not what we want.
-    ``use_gpu=None`` takes one GPU per actor when the cluster has GPUs. ``image_only`` embeds
-    documents without their text (the document encoder's image-only path).
+    ``use_gpu=None`` takes one GPU per actor when the cluster has GPUs. ``doc_view`` (one of
+    :data:`DOC_VIEWS`) embeds documents in that view instead of the model's own.
     """
 
     batch_size: int = 64
@@ -55,9 +60,11 @@ class EmbedConfig:
     threads_per_actor: int | None = None
     use_gpu: bool | None = None
     rows_per_part: int = 10_000
-    image_only: bool = False
+    doc_view: str | None = None
 
     def __post_init__(self):
+        if self.doc_view is not None and self.doc_view not in DOC_VIEWS:
+            raise ValueError(f"doc_view must be one of {DOC_VIEWS}, got {self.doc_view!r}")
         for name in ("batch_size", "actors", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -104,7 +111,7 @@ class DocEmbedder:
     """
 
     def __init__(
-        self, model_dir: str, *, threads: int, device: str = "cpu", image_only: bool = False
+        self, model_dir: str, *, threads: int, device: str = "cpu", doc_view: str | None = None
     ):
         import torch
 
@@ -113,12 +120,15 @@ class DocEmbedder:
         torch.set_num_threads(threads)
         self.encoder = load_doc_encoder(model_dir)
         self.encoder.model.to(device)
-        self.image_only = image_only
-        self.version = embedding_version(self.encoder.model_version, image_only)
+        self.view = doc_view or self.encoder.doc_view
+        self.version = embedding_version(
+            self.encoder.model_version, self.view, self.encoder.doc_view
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
-        texts = None if self.image_only else [t or "" for t in batch.column("text").to_pylist()]
+        texts = [t or "" for t in batch.column("text").to_pylist()]
+        texts = texts if self.view == "fused" else None
         vectors = self.encoder.encode_doc(images, texts).cpu().numpy()
         return embedding_table(batch, vectors, self.version)
 
@@ -289,15 +299,17 @@ def encoder_pool(ds, encoder_cls, model_dir: str, config: EmbedConfig, **kwargs)
 
 def embed_dataset(ds, model_dir: str, config: EmbedConfig):
     """``ds`` (clean contract rows) -> embedding rows, through a pool of ``DocEmbedder``."""
-    return encoder_pool(ds, DocEmbedder, model_dir, config, image_only=config.image_only)
+    return encoder_pool(ds, DocEmbedder, model_dir, config, doc_view=config.doc_view)
 
 
-def _model_info(model_dir: str) -> tuple[str, int]:
+def _model_info(model_dir: str) -> tuple[str, int, str]:
+    """The model's version, its vectors' width and its own document view."""
     from oclear_ray.config import ModelConfig
-    from oclear_ray.export import read_manifest
+    from oclear_ray.export import doc_view_of, read_manifest
 
     manifest = read_manifest(model_dir)
-    return manifest["model_version"], ModelConfig.from_dict(manifest["model"]).output_dim
+    dim = ModelConfig.from_dict(manifest["model"]).output_dim
+    return manifest["model_version"], dim, doc_view_of(manifest)
 
 
 def _pending(catalog: str, workdir: str, out: str, version: str, format: str | None):
@@ -341,8 +353,9 @@ def embed_catalog(
     config = config or EmbedConfig()
     workdir = storage.absolute(workdir)  # Ray's actors do not run in this directory
     model_dir = storage.absolute(model_dir or storage.join(workdir, "train", "model"))
-    model_version, dim = _model_info(model_dir)
-    version = embedding_version(model_version, config.image_only)
+    model_version, dim, own_view = _model_info(model_dir)
+    view = config.doc_view or own_view
+    version = embedding_version(model_version, view, own_view)
     out = storage.join(workdir, "embed")
     ds, report, number = _pending(catalog, workdir, out, version, format)
     rows = embed_dataset(ds, model_dir, config)
@@ -356,7 +369,8 @@ def embed_catalog(
         "catalog": storage.absolute(catalog),
         "validation": report.to_dict(),
         "encoder_model_version": model_version,
-        "doc_inputs": "image" if config.image_only else "image+text",
+        "doc_view": view,
+        "doc_inputs": "image+text" if view == "fused" else "image",
     }
     summary = write_summary(out, version, dim, extra)
     return EmbedResult(

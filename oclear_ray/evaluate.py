@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from oclear_ray import storage
-from oclear_ray.embed import EmbedConfig, embedding_version
+from oclear_ray.embed import DOC_VIEWS, EmbedConfig, embedding_version
 
 NO_CATEGORY = "(none)"
 
@@ -387,16 +387,13 @@ def _read_queries(
     )
 
 
-def read_model_version(model_dir: str) -> str:
-    from oclear_ray.export import read_manifest
-
-    return read_manifest(model_dir)["model_version"]
-
-
 def check_embeddings(model_dir: str, summary: dict) -> None:
-    """Refuse embeddings (fused or image-only) not made by the model in ``model_dir``."""
-    model_version = read_model_version(model_dir)
-    allowed = {embedding_version(model_version, flag) for flag in (False, True)}
+    """Refuse embeddings (of either document view) not made by the model in ``model_dir``."""
+    from oclear_ray.export import doc_view_of, read_manifest
+
+    manifest = read_manifest(model_dir)
+    model_version, own = manifest["model_version"], doc_view_of(manifest)
+    allowed = {embedding_version(model_version, view, own) for view in DOC_VIEWS}
     if summary["model_version"] not in allowed:
         raise ValueError(
             f"embeddings were made with model version {summary['model_version']}, not by the "
@@ -432,7 +429,7 @@ def fusion_ablation(docs: Catalog, xq, labels, *, workdir, model_dir, config, ca
     the other is embedded here, from ``catalog``, through Ray Data."""
     held = "image_only" if docs.summary.get("doc_inputs") == "image" else "fused"
     other = "fused" if held == "image_only" else "image_only"
-    pool = EmbedConfig(**{**asdict(config.pool), "image_only": other == "image_only"})
+    pool = EmbedConfig(**{**asdict(config.pool), "doc_view": other})
     vectors = {
         held: docs.vectors,
         other: _embed_catalog_in_memory(catalog, workdir, model_dir, pool, docs.doc_ids),
@@ -472,11 +469,17 @@ def score(ann: np.ndarray, exact: np.ndarray, labels, docs: Catalog, config: Eva
 
 
 def provenance(workdir, queries, model_dir, catalog, config, docs: Catalog, index) -> dict:
-    """What the report was made from: versions, inputs, config, time."""
+    """What the report was made from: versions, the document view (and the validation figures
+    that chose it), inputs, config, time."""
+    from oclear_ray.export import doc_view_of, read_manifest
+
+    manifest = read_manifest(model_dir)
     return {
         "format": FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model_version": read_model_version(model_dir),
+        "model_version": manifest["model_version"],
+        "doc_view": doc_view_of(manifest),
+        "view_choice": manifest.get("view_choice"),
         "embeddings_version": docs.summary["model_version"],
         "doc_inputs": docs.summary.get("doc_inputs", "image+text"),
         "index_version": index.manifest["version"],
@@ -704,6 +707,16 @@ border-color:#2a2}.miss img,.miss .noimg{border-color:#d33}.query img{border-col
 .noimg{display:inline-block;background:#eee;font-size:9px}"""
 
 
+def _view_line(report: dict) -> str:
+    """The model's document view, and the validation R@1 that chose it."""
+    choice = report.get("view_choice")
+    if not choice:
+        return f"{report['doc_view']} (not chosen on validation queries)"
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in choice["recall@1"].items())
+    weight = choice["shape_weight"]
+    return f"{report['doc_view']}, shape weight {weight:g} (validation R@1 {figures})"
+
+
 def render_html(report: dict, grid: list[dict]) -> str:
     """A self-contained page (no network resources): versions, metrics, curves, categories,
     and the query -> top-k grid."""
@@ -717,6 +730,7 @@ def render_html(report: dict, grid: list[dict]) -> str:
     categories = [[c, v["queries"], v["recall@1"]] for c, v in report["per_category"].items()]
     info = [
         ["model version", report["model_version"]],
+        ["document view", _view_line(report)],
         ["embeddings", f"{report['embeddings_version']} ({report['doc_inputs']})"],
         ["index version", f"{report['index_version']} ({report['index_factory']})"],
         ["queries / documents", f"{report['n_queries']} / {report['n_documents']}"],

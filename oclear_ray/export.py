@@ -5,7 +5,8 @@ Layout of an export directory (``train/model/``)::
     query_encoder.safetensors   backbone + text tower + fusion + query heads
     doc_encoder.safetensors     backbone + text tower + fusion + document head
     tokenizer.json              the text tokenizer
-    config.json                 model config tree (incl. preprocessing), file digests, model_version
+    config.json                 model config tree (incl. preprocessing), file digests, the
+                                document view, model_version
 
 Each weights file is self-contained (shared weights are duplicated), so a serving replica loads
 only the query encoder and an embedding actor only the document encoder. Files are written to a
@@ -144,6 +145,29 @@ def export_model(model: RetrievalModel, tokenizer: TextTokenizer, out_dir: str |
     return manifest["model_version"]
 
 
+def doc_view_of(manifest: dict) -> str:
+    """The document view an export embeds documents in (``embed.DOC_VIEWS``): fused with their
+    text unless a choice (:func:`revise`) made it the image alone."""
+    return manifest.get("doc_view", "fused")
+
+
+def revise(model_dir: str, *, doc_view: str, shape_weight: float, choice: dict) -> str:
+    """Set an export's document view and shape-code weight (the weights stay: neither is
+    trained) and record the ``choice`` that picked them; return the new model_version (it
+    covers both, so embeddings and indexes of the old settings are refused)."""
+    from oclear_ray import storage
+
+    manifest = read_manifest(model_dir)
+    manifest["model"]["shape"]["weight"] = float(shape_weight)
+    ModelConfig.from_dict(manifest["model"])  # still a valid model
+    manifest |= {"doc_view": doc_view, "view_choice": choice}
+    manifest = json.loads(json.dumps(manifest))
+    manifest["model_version"] = _version(manifest)
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    storage.write_bytes(storage.join(str(model_dir), CONFIG_FILE), text)
+    return manifest["model_version"]
+
+
 def _read(model_dir: str | Path, name: str) -> bytes:
     """A file of an export, local or a URI on shared storage (storage, i.e. pyarrow, imported
     only then: the GPU check runs without it)."""
@@ -181,6 +205,8 @@ class ExportedEncoder:
     tokenizer: TextTokenizer
     preprocess: PreprocessConfig
     model_version: str
+    #: the view its documents are embedded in: "fused" or "image_only" (:func:`revise`)
+    doc_view: str = "fused"
 
     def images(self, images: ImageBatch) -> torch.Tensor:
         """Encoded images (bytes / PIL) -> normalised tensor on the model's device."""
@@ -252,6 +278,7 @@ def _load(model_dir: str | Path, part: str) -> ExportedEncoder:
         tokenizer=TextTokenizer(Tokenizer.from_str(tokenizer.decode())),
         preprocess=config.preprocess,
         model_version=manifest["model_version"],
+        doc_view=doc_view_of(manifest),
     )
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from scipy import ndimage
 from torchvision.transforms import v2
 
 from oclear_ray.preprocess import PreprocessConfig, decode_image
@@ -27,19 +28,44 @@ def _edges(img: Image.Image) -> Image.Image:
     return ImageOps.invert(ImageOps.autocontrast(ImageOps.expand(edges, 1))).convert("RGB")
 
 
+def backdrop(img: Image.Image) -> Image.Image:
+    """The item on a random backdrop instead of its plain catalog background: the pixels that
+    match the image's border colour (when the border is one colour) and are not enclosed by
+    the item become a smooth field of a
+    few muted random colours. A user's photo is rarely taken on the catalog's white; an image
+    without a plain border is returned as it is. Draws from torch's generator."""
+    a = np.asarray(img, dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colour = np.median(border, axis=0)
+    if np.abs(border - colour).max(axis=1).mean() > 12:
+        return img
+    item = ndimage.binary_fill_holes(np.abs(a - colour).max(axis=2) > 24)  # its own whites stay
+    item = ndimage.binary_dilation(item).astype(np.float32)[..., None]
+    cells = int(torch.randint(2, 6, ()))
+    grey = 70 + 150 * torch.rand(cells, cells, 1)
+    field = (grey + 0.4 * (255 * torch.rand(cells, cells, 3) - grey)).clamp(0, 255)
+    field = Image.fromarray(field.numpy().astype(np.uint8), "RGB").resize(
+        img.size, Image.Resampling.BICUBIC
+    )
+    out = item * a + (1 - item) * np.asarray(field, dtype=np.float32)
+    return Image.fromarray(out.astype(np.uint8))
+
+
 def light_view(size, strength: float = 1.0) -> v2.Transform:
     """A catalog shot, slightly moved: a mild crop."""
     return v2.RandomResizedCrop(size, scale=(1.0 - 0.2 * strength, 1.0), ratio=(1.0, 1.0))
 
 
 def photo_view(size, strength: float = 1.0) -> v2.Transform:
-    """A user-photo-like view (torchvision): crop, rotation, lighting and colour, grey or
-    edges, blur; ``strength`` scales every range and probability (1 the default, 0 none)."""
+    """A user-photo-like view (torchvision): crop, rotation, a random backdrop, lighting and
+    colour, grey or edges, blur; ``strength`` scales every range and probability (1 the
+    default, 0 none)."""
     s = strength
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(1.0 - 0.45 * s, 1.0), ratio=(1.0, 1.0)),
             v2.RandomRotation(20.0 * s, interpolation=v2.InterpolationMode.BILINEAR, fill=255),
+            v2.RandomApply([v2.Lambda(backdrop)], p=min(1.0, 0.6 * s)),
             v2.ColorJitter(
                 brightness=0.4 * s, contrast=0.4 * s, saturation=(max(0.0, 1 - s), 1 + 0.6 * s)
             ),

@@ -5,6 +5,15 @@ only ``report`` it (train on the raw labels), or ``auto``: apply it only when a 
 training on it beats one on the raw labels, measured on training-query classes held out for
 validation (never on the evaluation queries). ``off`` skips governance.
 
+The same held-out training queries choose, after training, how documents are embedded (fused
+with their text or from their image alone) and whether the shape code stays beside the learned
+embedding (``choose_views``): the choice and its figures go into the export (``export.revise``),
+the stamp, the evaluation report and the served ``/v1/info``. ``views`` says how those queries
+are held out: by ``class`` (the default: classes the model never saw as queries, what a new
+catalog's queries are), by ``photo`` (a share of every class's photos: users photographing
+products training saw, as in the demo), or ``off`` (train on every query, keep the config's
+settings).
+
 Each stage writes ``WORKDIR/<stage>/stamp.json``: a key over what it was made from (input
 fingerprints, the upstream artifact's version, its config) and the version of what it made. A
 stage whose key matches its stamp, and whose artifact is still there, is skipped; a changed
@@ -17,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +36,7 @@ from oclear_ray.embed import EmbedConfig
 from oclear_ray.evaluate import EvalConfig
 from oclear_ray.govern import GovernConfig
 from oclear_ray.index import IndexConfig
+from oclear_ray.views import VIEW_SPLITS
 
 STAGES = ("govern", "train", "embed", "index", "evaluate")
 GOVERN_MODES = ("auto", "apply", "report", "off")
@@ -53,6 +62,8 @@ class PipelineConfig:
     govern_mode: str = "auto"
     probe_steps: int = 150
     probe_share: float = 0.2
+    #: how the training queries that choose the document view are held out (VIEW_SPLITS)
+    views: str = "class"
     #: where the training and evaluation runs are recorded (``tracking.Tracking``); in no
     #: stage's key
     tracking: object | None = None
@@ -62,6 +73,8 @@ class PipelineConfig:
             raise ValueError(f"govern mode must be one of {GOVERN_MODES}, got {self.govern_mode!r}")
         if self.govern_mode == "off":
             self.govern = None
+        if self.views not in VIEW_SPLITS:
+            raise ValueError(f"views must be one of {VIEW_SPLITS}, got {self.views!r}")
         if self.probe_steps < 1 or not 0.0 < self.probe_share < 1.0:
             raise ValueError(
                 f"probe_steps must be >= 1 and probe_share in (0, 1), got {self.probe_steps} "
@@ -185,26 +198,35 @@ def _govern_stage(run: _Run):
 def _train_stage(run: _Run, class_map) -> None:
     from oclear_ray.export import read_manifest
     from oclear_ray.train import fit
+    from oclear_ray.views import validation_split
 
     cfg, w = run.cfg, run.workdir
     governed = run.results.get("govern")
     inputs = {**run.data, "govern": governed and governed.key, "config": cfg.train.to_dict()}
+    inputs |= {"views": cfg.views, "share": cfg.probe_share}
 
     def run_train() -> dict:
+        split = None
+        if cfg.views != "off":
+            split = validation_split(
+                cfg.queries, cfg.catalog, w, share=cfg.probe_share, by=cfg.views
+            )
         # a run named after its inputs: a rerun with the same inputs resumes its checkpoints,
         # changed inputs start afresh
         r = fit(
             cfg.train,
             catalog=cfg.catalog,
-            queries=cfg.queries,
+            queries=split.train_path if split else cfg.queries,
             workdir=w,
             class_map=class_map,
             name=f"train-{key_of(inputs)}",
             progress=run.tick("train"),
             on_report=run.tick("train"),
             tracking=cfg.tracking,
+            views=split,
         )
-        return {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
+        out = {"model_version": read_manifest(r.model_dir)["model_version"], "steps": r.steps}
+        return out | ({"views": r.views} if r.views else {})
 
     run.stage("train", inputs, storage.join(w, "train", "model"), run_train)
 
@@ -315,31 +337,17 @@ def record_choice(workdir: str, choice: dict) -> None:
 
 def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
     """Validation R@1 of two short trainings (``probe_steps``), on the raw labels and on
-    ``class_map``: ``probe_share`` of the training queries' classes (by a hash of the label)
-    are held out, the rest train; a held-out photo finds a document of its class (the class
-    map's classes for both, so that both are scored alike) among the whole catalog. None when
-    the split leaves no class on one side. The probes read the pipeline's clean copies of its
-    inputs (WORKDIR/clean, ``read.prepare``)."""
-    import pyarrow.compute as pc
-
-    from oclear_ray.contract import CATALOG, QUERIES
-    from oclear_ray.read import adopt, prepare
+    ``class_map``, both trained without the held-out classes' queries (``validation_split``);
+    a held-out photo finds a document of its class (the class map's classes for both, so that
+    both are scored alike) among the whole catalog. None when the split leaves no class on one
+    side."""
     from oclear_ray.train import fit
+    from oclear_ray.views import validation_recall, validation_split
 
-    probe_dir, cache = storage.join(workdir, "govern", "probe"), storage.join(workdir, "clean")
-    queries = prepare(cfg.queries, QUERIES, probe_dir, cache=cache).table()
-    labels = queries.column("label").to_pylist()
-    cut = int(cfg.probe_share * 1000)
-    held = [bool(v) and zlib.crc32(str(v).encode()) % 1000 < cut for v in labels]
-    photo = pc.invert(pc.is_null(queries.column("image"))).to_pylist()
-    val = queries.filter([h and p for h, p in zip(held, photo, strict=True)])
-    train_queries = queries.filter([not h for h in held])
-    if not val.num_rows or not train_queries.num_rows:
+    split = validation_split(cfg.queries, cfg.catalog, workdir, share=cfg.probe_share, by="class")
+    if split is None:
         return None
-    train_path = storage.join(probe_dir, "train_queries.parquet")
-    storage.write_parquet(train_path, [train_queries], train_queries.schema)
-    adopt(train_path, QUERIES, probe_dir, cache=cache)  # clean rows already: not checked again
-    docs = prepare(cfg.catalog, CATALOG, probe_dir, cache=cache).table()
+    probe_dir = storage.join(workdir, "govern", "probe")
     steps = min(cfg.probe_steps, cfg.train.total_steps)
     train = cfg.train.with_total_steps(steps)
     train = dataclasses.replace(train, run=dataclasses.replace(train.run, max_minutes=None))
@@ -348,38 +356,11 @@ def probe(cfg: PipelineConfig, workdir: str, class_map: dict) -> dict | None:
         result = fit(
             train,
             catalog=cfg.catalog,
-            queries=train_path,
+            queries=split.train_path,
             workdir=storage.join(probe_dir, arm),
             class_map=labels_used,
             name=f"probe-{arm}-{key_of({'map': class_map['version'], 'steps': steps})}",
-            cache=cache,
+            cache=storage.join(workdir, "clean"),
         )
-        out[arm] = validation_recall(result.model_dir, docs, val, class_map)
+        out[arm] = validation_recall(result.model_dir, split.docs, split.val, class_map)
     return out
-
-
-def validation_recall(model_dir: str, docs, queries, class_map: dict) -> dict:
-    """R@1 of ``queries`` (photos) against ``docs`` (image + text), exact search, relevance by
-    ``class_map`` class (a dropped document is relevant to nothing)."""
-    import numpy as np
-
-    from oclear_ray.evaluate import embed_in_process, exact_search
-    from oclear_ray.export import load_doc_encoder, load_query_encoder
-
-    def class_of(doc_id, label):
-        if doc_id in class_map["dropped"]:
-            return -1
-        return class_map["doc_class"].get(doc_id, class_map["labels"].get(label, -1))
-
-    texts = [t or "" for t in docs.column("text").to_pylist()]
-    xb = embed_in_process(
-        load_doc_encoder(model_dir), docs.column("image").to_pylist(), texts, doc=True
-    )
-    xq = embed_in_process(
-        load_query_encoder(model_dir), queries.column("image").to_pylist(), doc=False
-    )
-    _, I = exact_search(xq, xb, 1)
-    ids, doc_labels = docs.column("doc_id").to_pylist(), docs.column("label").to_pylist()
-    doc_class = np.array([class_of(d, v) for d, v in zip(ids, doc_labels, strict=True)])
-    want = np.array([class_map["labels"].get(v, -2) for v in queries.column("label").to_pylist()])
-    return {"recall@1": float((doc_class[I[:, 0]] == want).mean()), "queries": len(want)}

@@ -381,6 +381,7 @@ class TrainResult:
     metrics: dict | None
     quarantined: dict
     class_map_version: str | None = None
+    views: dict | None = None  # the document view chosen on validation queries
 
 
 def _validated(path: str, contract, workdir: str, cache: str | None, progress=None):
@@ -446,12 +447,15 @@ def fit(
     on_report=None,
     tracking=None,
     cache: str | None = None,
+    views=None,
 ) -> TrainResult:
     """Train on ``catalog`` (and query photos) and export the encoders to WORKDIR/train/model;
     with ``tracking`` (``tracking.Tracking``), one MLflow run holds the resolved config and
     rank 0's metrics; ``on_report(metrics)`` is told rank 0's reports in this process as it
     trains. The inputs' clean copies (``read.prepare``) live in ``cache`` (default
-    WORKDIR/clean: a pipeline's probe trainings share the pipeline's)."""
+    WORKDIR/clean: a pipeline's probe trainings share the pipeline's). With ``views`` (a
+    ``views.Split`` whose held-out photos ``queries`` lacks), the export's document view and
+    shape weight are then chosen on them (``views.choose_views``)."""
     from oclear_ray import storage
     from oclear_ray.export import read_manifest
     from oclear_ray.model import resolve_pretrained
@@ -473,11 +477,13 @@ def fit(
         forward_reports(on_report) as callbacks,
     ):
         result = _trainer(cfg, data, name, run, callbacks, train_dir, deadline).fit()
+        storage.write_bytes(
+            storage.join(model_dir, "class_map.json"),
+            json.dumps(class_map, sort_keys=True).encode(),
+        )
+        choice = _choose_views(model_dir, views, cfg, run) if views is not None else None
         if run is not None:
             run.set_tags({"model_version": read_manifest(model_dir)["model_version"]})
-    storage.write_bytes(
-        storage.join(model_dir, "class_map.json"), json.dumps(class_map, sort_keys=True).encode()
-    )
     return TrainResult(
         model_dir,
         class_map["num_classes"],
@@ -485,7 +491,23 @@ def fit(
         result.metrics,
         data.quarantined,
         class_map_version=class_map["version"],
+        views=choice,
     )
+
+
+def _choose_views(model_dir: str, split, cfg: TrainConfig, run) -> dict:
+    """The document view and shape weight chosen on ``split``'s held-out photos, written into
+    the export (a new model version) and, when tracked, the run."""
+    from oclear_ray.export import revise
+    from oclear_ray.views import choose_views
+
+    choice = choose_views(model_dir, split, cfg.model.shape.weight)
+    view, weight = choice["doc_view"], choice["shape_weight"]
+    revise(model_dir, doc_view=view, shape_weight=weight, choice=choice)
+    if run is not None:
+        run.set_tags({"doc_view": view, "shape_weight": weight})
+        run.log_metrics({"validation_recall_at_1": choice["recall@1"]})
+    return choice
 
 
 def _trainer(cfg, data, name, run, callbacks, train_dir, deadline):

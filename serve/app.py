@@ -34,6 +34,7 @@ from ray.serve import metrics
 from oclear_ray.config import _build, _read
 from oclear_ray.contract import Limits
 from oclear_ray.evaluate import QueryEmbedder
+from oclear_ray.export import doc_view_of
 from oclear_ray.preprocess import PreprocessConfig
 from oclear_ray.search import bounded, check_bounds
 from oclear_ray.serve import (
@@ -287,6 +288,8 @@ class SearchIngress:
         self.encoder, self.shards = encoder, shards
         info = {
             "model_version": model["model_version"],
+            "doc_view": doc_view_of(model),
+            "view_choice": model.get("view_choice"),
             "index_version": index["version"],
             "factory": index["factory"],
             "dim": index["dim"],

@@ -239,10 +239,11 @@ def test_html_has_curves_and_an_inline_grid(fused):
 
 
 def test_embed_image_only_gives_the_ablation_numbers(fused, data, model_dir, queries, tmp_path):
-    """`oclear embed --image-only`, searched exactly, scores what the ablation measured."""
+    """`oclear embed --doc-view image_only`, searched exactly, scores what the ablation
+    measured."""
     workdir = str(tmp_path)
     args = ["embed", "--catalog", data[0], "--workdir", workdir, "--model-dir", model_dir]
-    out = CliRunner().invoke(app, [*args, "--image-only"])
+    out = CliRunner().invoke(app, [*args, "--doc-view", "image_only"])
     assert out.exit_code == 0, out.output
     summary = read_summary(f"{workdir}/embed")
     assert summary["doc_inputs"] == "image" and summary["model_version"].endswith("+image-only")

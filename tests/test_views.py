@@ -43,3 +43,19 @@ def test_render_views_train_the_query_tower_on_a_share_of_documents():
     assert 5 < use.sum() < 35
     assert not out["query_image"][~use].any()  # no view where none was drawn
     assert all((out["query_image"][i] != batch["image"][i]).any() for i in np.flatnonzero(use))
+
+
+def test_backdrop_replaces_the_plain_background_and_keeps_the_item():
+    """The white around a drawn item becomes a coloured field; the item, the white enclosed by
+    it included, stays; an image without a plain border is left as it is."""
+    import torch
+
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[16:48, 16:48] = (200, 30, 30)  # a red box ...
+    img[28:36, 28:36] = 255  # ... with a white mark inside
+    torch.manual_seed(0)
+    out = np.asarray(ingest.backdrop(Image.fromarray(img)))
+    assert (out[16:48, 16:48] == img[16:48, 16:48]).all()
+    assert not (out[:8, :8] == 255).all() and out.shape == img.shape
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert (np.asarray(ingest.backdrop(Image.fromarray(noisy))) == noisy).all()

@@ -1,0 +1,185 @@
+"""The document view, chosen per catalog on training queries held out for validation.
+
+A catalog's documents can be embedded fused with their text or from their image alone, and the
+shape code (``model.ShapeCode``) kept beside the learned embedding or left out; which is better
+depends on the catalog (its text, its queries' renderings). ``validation_split`` holds a share
+of the training queries out of training (by class, or by photo); after training,
+``choose_views`` scores the four settings on them and ``export.revise`` records the best in the
+export. No evaluation query takes part. ``validation_recall`` is governance's probe figure on
+the same split.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from oclear_ray import storage
+
+#: how the validation queries are held out: unseen classes, new photos of seen ones, or none
+VIEW_SPLITS = ("class", "photo", "off")
+
+
+@dataclass
+class Split:
+    """Training queries with some held out for validation."""
+
+    train_path: str  # the rest of the training queries, as a clean copy (``read.adopt``)
+    val: object  # the held-out photos (a pyarrow Table)
+    docs: object  # the catalog's clean rows (a pyarrow Table)
+    by: str  # "class" or "photo"
+
+
+def validation_split(
+    queries: str | None, catalog: str, workdir: str, *, share: float, by: str
+) -> Split | None:
+    """``share`` of the training queries held out by a hash: of their label (``by``
+    "class": those classes reach training through their documents only, as a new catalog's
+    do) or of their id ("photo": every class keeps at least one photo). None without training
+    queries, or when one side would be empty. Reads the pipeline's clean copies (WORKDIR/clean,
+    ``read.prepare``); the rest is recorded as a clean copy itself, so it is not checked
+    again."""
+    import pyarrow.compute as pc
+
+    from oclear_ray.contract import CATALOG, QUERIES
+    from oclear_ray.read import adopt, prepare
+
+    if queries is None:
+        return None
+    out, cache = storage.join(workdir, "validation", by), storage.join(workdir, "clean")
+    queries = prepare(queries, QUERIES, out, cache=cache).table()
+    ids, labels = queries.column("query_id").to_pylist(), queries.column("label").to_pylist()
+    held = held_out(ids, labels, share, by)
+    photo = pc.invert(pc.is_null(queries.column("image"))).to_pylist()
+    val = queries.filter([h and p for h, p in zip(held, photo, strict=True)])
+    train_queries = queries.filter([not h for h in held])
+    if not val.num_rows or not train_queries.num_rows:
+        return None
+    train_path = storage.join(out, "train_queries.parquet")
+    storage.write_parquet(train_path, [train_queries], train_queries.schema)
+    adopt(train_path, QUERIES, out, cache=cache)  # clean rows already: not checked again
+    docs = prepare(catalog, CATALOG, out, cache=cache).table()
+    return Split(train_path, val, docs, by)
+
+
+def held_out(ids: list, labels: list, share: float, by: str) -> list[bool]:
+    """Which queries are held out: those whose label (``by`` "class") or id ("photo") hashes
+    below ``share``; an unlabelled query never is, and by photo a class whose photos were all
+    drawn keeps its first."""
+    cut = int(share * 1000)
+    keys = labels if by == "class" else ids
+    pairs = zip(keys, labels, strict=True)
+    held = [bool(v) and zlib.crc32(str(k).encode()) % 1000 < cut for k, v in pairs]
+    if by == "photo":
+        kept = {v for v, h in zip(labels, held, strict=True) if not h}
+        for i, v in enumerate(labels):
+            if held[i] and v not in kept:
+                held[i] = False
+                kept.add(v)
+    return held
+
+
+def _classes(docs, queries, class_map: dict):
+    """Each document's class and each query's (``class_map``'s; a dropped document is -1,
+    relevant to nothing; a query of an unknown label -2)."""
+    import numpy as np
+
+    def class_of(doc_id, label):
+        if doc_id in class_map["dropped"]:
+            return -1
+        return class_map["doc_class"].get(doc_id, class_map["labels"].get(label, -1))
+
+    ids, doc_labels = docs.column("doc_id").to_pylist(), docs.column("label").to_pylist()
+    doc_class = np.array([class_of(d, v) for d, v in zip(ids, doc_labels, strict=True)])
+    want = np.array([class_map["labels"].get(v, -2) for v in queries.column("label").to_pylist()])
+    return doc_class, want
+
+
+def validation_recall(model_dir: str, docs, queries, class_map: dict) -> dict:
+    """R@1 of ``queries`` (photos) against ``docs`` (image + text), exact search, relevance by
+    ``class_map`` class."""
+    from oclear_ray.evaluate import embed_in_process, exact_search
+    from oclear_ray.export import load_doc_encoder, load_query_encoder
+
+    texts = [t or "" for t in docs.column("text").to_pylist()]
+    xb = embed_in_process(
+        load_doc_encoder(model_dir), docs.column("image").to_pylist(), texts, doc=True
+    )
+    xq = embed_in_process(
+        load_query_encoder(model_dir), queries.column("image").to_pylist(), doc=False
+    )
+    _, I = exact_search(xq, xb, 1)
+    doc_class, want = _classes(docs, queries, class_map)
+    return {"recall@1": float((doc_class[I[:, 0]] == want).mean()), "queries": len(want)}
+
+
+def choose_views(model_dir: str, split: Split, weight: float) -> dict:
+    """The document view (fused or image-only) and shape-code weight (the config's ``weight``
+    or 0, leaving it out) whose validation R@1 is highest: the held-out photos search the
+    whole catalog exactly, relevance by the trained class map. A tie keeps the config's
+    settings (fused documents, its weight). Every input is embedded once: the learned part and
+    the shape code apart, joined per weight (``model.RetrievalModel._with_shape``)."""
+    from oclear_ray.classmap import load_class_map
+    from oclear_ray.evaluate import exact_search
+
+    class_map = load_class_map(storage.join(model_dir, "class_map.json"))
+    parts = _learned_and_shape(model_dir, split.docs, split.val)
+    weights = [weight, 0.0] if weight and parts["shape_q"] is not None else [0.0]
+    doc_class, want = _classes(split.docs, split.val, class_map)
+    recall = {}
+    for view in ("fused", "image_only"):
+        for w in weights:
+            xq = _joined(parts["query"], parts["shape_q"], w)
+            xb = _joined(parts[view], parts["shape_d"], w)
+            _, I = exact_search(xq, xb, 1)
+            recall[f"{view}@{w:g}"] = float((doc_class[I[:, 0]] == want).mean())
+    best = max(recall, key=lambda k: (recall[k], k == f"fused@{weights[0]:g}"))
+    view, w = best.split("@")
+    return {
+        "doc_view": view,
+        "shape_weight": float(w),
+        "recall@1": recall,
+        "queries": int(len(want)),
+        "held_out_by": split.by,
+    }
+
+
+def _joined(learned, code, weight: float):
+    """The learned part with the shape code beside it at ``weight``, unit rows."""
+    import numpy as np
+
+    if not weight or code is None:
+        return learned
+    out = np.hstack([learned, weight * code]).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _learned_and_shape(model_dir: str, docs, queries) -> dict:
+    """The learned embeddings of the held-out photos and of the documents (fused and
+    image-only) without the shape code, and the shape codes of both (None without one)."""
+    import numpy as np
+    import torch
+
+    from oclear_ray.evaluate import embed_in_process
+    from oclear_ray.export import load_doc_encoder, load_query_encoder
+
+    query, doc = load_query_encoder(model_dir), load_doc_encoder(model_dir)
+    code = doc.model.shape
+    query.model.shape = doc.model.shape = None  # the learned part alone
+    images, texts = docs.column("image").to_pylist(), docs.column("text").to_pylist()
+    photos = queries.column("image").to_pylist()
+
+    def codes(encoder, items):
+        if code is None:
+            return None
+        with torch.inference_mode():
+            rows = [code(encoder.images(items[i : i + 256])) for i in range(0, len(items), 256)]
+        return torch.cat(rows).numpy() if rows else np.zeros((0, code.basis.shape[0] ** 2 - 1))
+
+    return {
+        "query": embed_in_process(query, photos, doc=False),
+        "fused": embed_in_process(doc, images, [t or "" for t in texts], doc=True),
+        "image_only": embed_in_process(doc, images, None, doc=True),
+        "shape_q": codes(query, photos),
+        "shape_d": codes(doc, images),
+    }
