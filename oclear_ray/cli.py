@@ -619,7 +619,7 @@ def demo(
     classes: int = typer.Option(40, help="Synthetic products."),
     queries_per_class: int = typer.Option(8, help="Photos per product (half the products)."),
     steps: int | None = typer.Option(None, help="Training steps (default: fill --max-minutes)."),
-    max_minutes: float = typer.Option(3.0, help="Training wall-time budget: the schedule."),
+    max_minutes: float = typer.Option(4.0, help="Training wall-time budget: the schedule."),
     config: ConfigFile = None,
     workers: Workers = None,
     host: str = typer.Option("127.0.0.1", help="HTTP host of the search page."),
