@@ -88,6 +88,18 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     assert f"R@1 {new['recall@1']:.3f} on {photos.num_rows} new photos of catalog" in output
     assert f"R@1 {held['recall@1']:.3f} on {held_out} photos of products never" in output
 
+    # the document view was chosen on held-out training photos, recorded alike everywhere
+    views = read_stamp(workdir, "train")["output"]["views"]
+    manifest = read_json(workdir, "train", "model", "config.json")
+    assert views["held_out_by"] == "photo" and views["queries"] > 0
+    assert set(views["recall@1"]) == {"fused@2", "fused@0", "image_only@2", "image_only@0"}
+    assert manifest["view_choice"] == views == new["view_choice"] == held["view_choice"]
+    assert manifest["doc_view"] == new["doc_view"] == views["doc_view"]
+    assert manifest["model"]["shape"]["weight"] == views["shape_weight"]
+    assert max(views["recall@1"].values()) == views["recall@1"][
+        f"{views['doc_view']}@{views['shape_weight']:g}"
+    ]
+
     truth, shown = read_json(data, "truth.json"), read_json(data, "new_photos.json")
     trained = pq.read_table(os.path.join(data, "queries.parquet")).column("query_id")
     assert set(shown.values()) == {truth["query_product"][q] for q in trained.to_pylist()}
@@ -136,8 +148,12 @@ def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
         config,
         "--steps",
         "4",
+        "--max-minutes",
+        "4",  # the demo's budget, a cap beside --steps
         "--govern",
         "apply",  # as the demo runs it
+        "--views",
+        "photo",  # as the demo runs it
     ]
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output

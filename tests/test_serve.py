@@ -543,6 +543,7 @@ def test_served_json_text_category_info_and_thumbnails(server, work):
     manifest = read_manifest(Paths.of(work[0]).index_dir)
     assert info["model_version"] == manifest["model_version"]
     assert info["index_version"] == manifest["version"]
+    assert (info["doc_view"], info["view_choice"]) == ("fused", None)  # an export as trained
     assert [s["vectors"] for s in info["shards"]] == [e["vectors"] for e in manifest["shards"]]
     thumb = server.get(by_json[0]["thumbnail_url"])
     assert thumb.headers["content-type"] == "image/jpeg"
