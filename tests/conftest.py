@@ -27,6 +27,17 @@ def jpeg_bytes(color=(30, 200, 30), size=(16, 16)) -> bytes:
     return buf.getvalue()
 
 
+#: fixtures that each run a whole pipeline, a job chain or the demo (minutes on 2 cores): the
+#: tests that use them are marked ``slow``
+SLOW_FIXTURES = {"s3_pipeline", "chain", "demo_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 #: how often the test cluster's processes export their metrics (milliseconds)
 METRICS_INTERVAL_MS = 1000
 

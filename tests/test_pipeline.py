@@ -96,9 +96,10 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     assert manifest["view_choice"] == views == new["view_choice"] == held["view_choice"]
     assert manifest["doc_view"] == new["doc_view"] == views["doc_view"]
     assert manifest["model"]["shape"]["weight"] == views["shape_weight"]
-    assert max(views["recall@1"].values()) == views["recall@1"][
-        f"{views['doc_view']}@{views['shape_weight']:g}"
-    ]
+    assert (
+        max(views["recall@1"].values())
+        == views["recall@1"][f"{views['doc_view']}@{views['shape_weight']:g}"]
+    )
 
     truth, shown = read_json(data, "truth.json"), read_json(data, "new_photos.json")
     trained = pq.read_table(os.path.join(data, "queries.parquet")).column("query_id")

@@ -168,6 +168,7 @@ def inputs(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, tmp_path):
     data, cache = inputs
     workdir = str(tmp_path / "work")
