@@ -598,7 +598,6 @@ def pipeline(
     if govern not in GOVERN_MODES:
         raise ValueError(f"--govern must be one of {GOVERN_MODES}, got {govern!r}")
     cfg = PipelineConfig(
-        views=views,
         catalog=catalog,
         workdir=workdir,
         queries=queries,
@@ -606,6 +605,7 @@ def pipeline(
         train=training_config(ctx.params),
         fusion_ablation=fusion_ablation,
         govern_mode=govern,
+        views=views,
         tracking=tracking_for(workdir, tracking_uri),
     )
     _init_ray(address)

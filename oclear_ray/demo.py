@@ -27,7 +27,7 @@ HELD_OUT_DIR = "eval-held-out"
 #: of the documents for the query tower (``data.doc_as_query_rate``). Chosen with
 #: ``bench/recipe.py --split photo`` on held-out training photos of the demo's catalog
 #: (bench/README.md: R@1 0.83 in 69 s, against 0.71 for the same ResNet at 64 px in 90 s and
-#: 0.27 for the CPU default at 64 px on the 100-product catalog); the shape code's weight is
+#: 0.21 for the CPU default at 64 px on the old 100-product catalog); the shape code's weight is
 #: then chosen by the pipeline (``views``)
 RECIPE = (
     "model.image.name=resnet10t",

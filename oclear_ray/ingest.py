@@ -31,9 +31,9 @@ def _edges(img: Image.Image) -> Image.Image:
 def backdrop(img: Image.Image) -> Image.Image:
     """The item on a random backdrop instead of its plain catalog background: the pixels that
     match the image's border colour (when the border is one colour) and are not enclosed by
-    the item become a smooth field of a
-    few muted random colours. A user's photo is rarely taken on the catalog's white; an image
-    without a plain border is returned as it is. Draws from torch's generator."""
+    the item become a smooth field of a few muted random colours. A user's photo is rarely
+    taken on the catalog's white; an image without a plain border is returned as it is. Draws
+    from torch's generator."""
     a = np.asarray(img, dtype=np.float32)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     colour = np.median(border, axis=0)

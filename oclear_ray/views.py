@@ -157,7 +157,6 @@ def _joined(learned, code, weight: float):
 def _learned_and_shape(model_dir: str, docs, queries) -> dict:
     """The learned embeddings of the held-out photos and of the documents (fused and
     image-only) without the shape code, and the shape codes of both (None without one)."""
-    import numpy as np
     import torch
 
     from oclear_ray.evaluate import embed_in_process
@@ -174,7 +173,7 @@ def _learned_and_shape(model_dir: str, docs, queries) -> dict:
             return None
         with torch.inference_mode():
             rows = [code(encoder.images(items[i : i + 256])) for i in range(0, len(items), 256)]
-        return torch.cat(rows).numpy() if rows else np.zeros((0, code.basis.shape[0] ** 2 - 1))
+        return torch.cat(rows).numpy()
 
     return {
         "query": embed_in_process(query, photos, doc=False),
