@@ -35,8 +35,18 @@ def main(args) -> None:
         format=args.format,
         catalog=args.catalog,
         image_only_docs=args.image_only_docs,
+        judgments=args.judgments,
     )
-    keys = ("n_queries", "recall@1", "recall@5", "recall@10", "map@r", "ndcg@10", "ann_vs_exact")
+    keys = (
+        "n_queries",
+        "relevance",
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "map@r",
+        "ndcg@10",
+        "ann_vs_exact",
+    )
     keys += ("fusion_ablation",) if args.image_only_docs else ()
     print(json.dumps({k: report[k] for k in keys} | {"timing_s": report["timing_s"]}, indent=2))
 

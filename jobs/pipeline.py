@@ -27,6 +27,7 @@ def main(args) -> None:
         workdir=args.workdir,
         queries=args.queries,
         eval_queries=args.eval_queries,
+        eval_judgments=args.eval_judgments,
         train=training_config(vars(args)),
         fusion_ablation=args.fusion_ablation,
         govern_mode=args.govern,

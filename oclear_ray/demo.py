@@ -39,9 +39,10 @@ RECIPE = (
 def ensure_data(
     workdir: str, *, docs: int, classes: int, queries_per_class: int = 2, seed: int = 0
 ) -> dict:
-    """WORKDIR/data/{catalog,queries,eval_queries,new_photos}.parquet, truth.json and
-    new_photos.json (query_id -> product), drawn unless drawn already with the same settings
-    (``synth.json`` records them).
+    """WORKDIR/data/{catalog,queries,eval_queries,new_photos}.parquet, truth.json,
+    new_photos.json (query_id -> product) and the judgments of both evaluations
+    (``{new_photos,eval_queries}_judgments.json``), drawn unless drawn already with the same
+    settings (``synth.json`` records them).
 
     ``new_photos`` are fresh photos of the products that have training photos (as many per
     product as it has training photos): a user photographing a catalog product. ``eval_queries``
@@ -56,6 +57,8 @@ def ensure_data(
     paths = {name: os.path.join(out, f"{name}.parquet") for name in names}
     paths["truth"] = os.path.join(out, "truth.json")
     paths["new_photos_products"] = os.path.join(out, "new_photos.json")
+    for name in ("new_photos", "eval_queries"):
+        paths[f"{name}_judgments"] = os.path.join(out, f"{name}_judgments.json")
     have = os.path.exists(record) and Path(record).read_text() == wanted
     if not (have and all(os.path.exists(p) for p in paths.values())):
         generate(out, config)
@@ -64,14 +67,28 @@ def ensure_data(
         products = sorted({truth["query_product"][q] for q in trained})
         shown = more_photos(paths["new_photos"], config, products, per_product=queries_per_class)
         Path(paths["new_photos_products"]).write_text(json.dumps(shown))
+        held = {q: p for q, p in truth["query_product"].items() if q not in set(trained)}
+        for name, photos in (("new_photos", shown), ("eval_queries", held)):
+            text = json.dumps(judgments(truth, photos), sort_keys=True)
+            Path(paths[f"{name}_judgments"]).write_text(text)
         Path(record).write_text(wanted)
     return paths
 
 
-def evaluate_held_out(cfg, queries: str) -> dict:
+def judgments(truth: dict, photographed: dict) -> dict:
+    """``{query_id: [doc_id, ...]}``: the documents of the product each photo shows (by the
+    synthetic truth: a document's label can be wrong or shared, its product cannot)."""
+    docs: dict = {}
+    for doc, product in truth["doc_product"].items():
+        docs.setdefault(product, []).append(doc)
+    return {q: sorted(docs.get(p, [])) for q, p in photographed.items()}
+
+
+def evaluate_held_out(cfg, queries: str, judgments: str) -> dict:
     """The pipeline's model and index (``cfg``: its ``PipelineConfig``) evaluated on photos
-    of products that had no training photo; report in WORKDIR/eval-held-out, tracked like the
-    pipeline's evaluation."""
+    of products that had no training photo, a hit being a document of the photographed
+    product (``judgments``); report in WORKDIR/eval-held-out, tracked like the pipeline's
+    evaluation."""
     from oclear_ray.evaluate import evaluate
 
     return evaluate(
@@ -81,6 +98,7 @@ def evaluate_held_out(cfg, queries: str) -> dict:
         catalog=cfg.catalog,
         report_dir=os.path.join(cfg.workdir, HELD_OUT_DIR),
         tracking=cfg.tracking,
+        judgments=judgments,
     )
 
 

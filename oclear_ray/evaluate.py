@@ -1,10 +1,12 @@
-"""The evaluate stage: retrieval metrics by label match, written to ``WORKDIR/eval``.
+"""The evaluate stage: retrieval metrics by label match or by judgments, written to
+``WORKDIR/eval``.
 
-A retrieved document is relevant when its label equals the query's label. Metrics are plain
-functions over a boolean relevance matrix ``rel`` [queries, ranks] (best first) and ``R``, the
-number of catalog documents carrying each query's label: recall@k, MAP@R (R capped at the
-search depth) and nDCG@k with binary gains. Queries whose label no document carries count as
-misses everywhere (their R is 0).
+A retrieved document is relevant when its label equals the query's label, or, given judgments
+(``read_judgments``: the documents relevant to each query, as TREC's qrels), when the
+judgments name it for the query. Metrics are plain functions over a boolean relevance matrix
+``rel`` [queries, ranks] (best first) and ``R``, the number of catalog documents relevant to
+each query: recall@k, MAP@R (R capped at the search depth) and nDCG@k with binary gains.
+Queries with no relevant document in the catalog count as misses everywhere (their R is 0).
 
 ``evaluate`` embeds the queries with the exported query encoder (a small set in this process,
 a larger one through a Ray Data actor pool), searches the index (ANN) and, for reference, the
@@ -52,6 +54,22 @@ def relevance(I: np.ndarray, query_labels, doc_labels) -> np.ndarray:
     found = doc_labels[np.where(I < 0, len(doc_labels) - 1, I)]
     query_labels = np.asarray(query_labels, dtype=object)[:, None]
     return (found == query_labels) & (query_labels != None)  # noqa: E711 -- elementwise
+
+
+def read_judgments(path: str) -> dict[str, set[str]]:
+    """Relevance judgments: a JSON object ``{query_id: [doc_id, ...]}`` naming the documents
+    relevant to each query (a label can be wrong or shared by two products; a judgment is
+    about the document itself)."""
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"judgments {path}: not readable JSON ({exc})") from exc
+    bad = not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(d, str) for d in v) for v in data.values()
+    )
+    if bad:
+        raise ValueError(f"judgments {path}: want an object of query_id -> [doc_id, ...]")
+    return {str(q): set(docs) for q, docs in data.items()}
 
 
 def label_recall(I: np.ndarray, query_labels, doc_labels, ks=(1, 5, 10)) -> dict[str, float]:
@@ -318,21 +336,58 @@ class Catalog:
             summary=summary,
         )
 
-    def label_counts(self, query_labels) -> np.ndarray:
-        """R per query: the documents carrying its label."""
-        counts = Counter(self.labels.tolist())
-        return np.array([counts.get(label, 0) if label else 0 for label in query_labels])
 
-    def query_categories(self, query_labels, level: int) -> list[str]:
-        """A query's category: the most common category of its label's documents, cut to
-        ``level`` segments (``(none)`` when no document carries the label or a category)."""
-        by_label: dict = {}
-        for label, category in zip(self.labels, self.categories, strict=True):
-            by_label.setdefault(label, Counter())[category or NO_CATEGORY] += 1
+@dataclass
+class Judge:
+    """Which catalog rows are relevant to each query: those carrying its label, or with
+    ``judged`` (per query, the set of rows its judgments name) those."""
+
+    docs: Catalog
+    labels: list
+    judged: list[set[int]] | None = None
+
+    @classmethod
+    def of(cls, docs: Catalog, table: pa.Table, judgments: dict | None) -> Judge:
+        """The judge of the queries in ``table`` (rows in its order)."""
+        labels = table.column("label").to_pylist()
+        if judgments is None:
+            return cls(docs, labels)
+        row = {d: i for i, d in enumerate(docs.doc_ids.tolist())}
+        ids = table.column("query_id").to_pylist()
+        return cls(docs, labels, [{row[d] for d in judgments[q] if d in row} for q in ids])
+
+    @property
+    def basis(self) -> str:
+        return "label" if self.judged is None else "judgments"
+
+    def relevance(self, I: np.ndarray) -> np.ndarray:
+        """``rel[q, j]``: the catalog row at rank ``j`` of query ``q`` is relevant to it."""
+        if self.judged is None:
+            return relevance(I, self.labels, self.docs.labels)
+        rel = [[r in rows for r in ranked] for rows, ranked in zip(self.judged, I, strict=True)]
+        return np.array(rel, dtype=bool).reshape(I.shape)
+
+    def counts(self) -> np.ndarray:
+        """R per query: the catalog documents relevant to it."""
+        if self.judged is not None:
+            return np.array([len(rows) for rows in self.judged], dtype=np.int64)
+        counts = Counter(self.docs.labels.tolist())
+        return np.array([counts.get(label, 0) if label else 0 for label in self.labels])
+
+    def categories(self, level: int) -> list[str]:
+        """A query's category: the most common category of its relevant documents, cut to
+        ``level`` segments (``(none)`` when it has none, or they have no category)."""
+        cats = np.asarray([c or NO_CATEGORY for c in self.docs.categories], dtype=object)
+        if self.judged is not None:
+            found = [Counter(cats[sorted(rows)].tolist()) for rows in self.judged]
+        else:
+            by_label: dict = {}
+            for label, category in zip(self.docs.labels, cats, strict=True):
+                by_label.setdefault(label, Counter())[category] += 1
+            found = [by_label.get(label, Counter()) for label in self.labels]
         out = []
-        for label in query_labels:
-            found = by_label.get(label)
-            top = found.most_common(1)[0][0] if found else NO_CATEGORY
+        for counter in found:
+            top = counter.most_common(1)[0][0] if counter else NO_CATEGORY
             out.append("/".join(top.split("/")[:level]))
         return out
 
@@ -351,11 +406,18 @@ def rows_of(index, catalog: Catalog, I: np.ndarray) -> np.ndarray:
 
 
 def _read_queries(
-    queries: str, workdir: str, model_dir: str, config: EvalConfig, format, progress=None
+    queries: str,
+    workdir: str,
+    model_dir: str,
+    config: EvalConfig,
+    format,
+    progress=None,
+    judged: dict | None = None,
 ):
     """Validate (bad rows to ``WORKDIR/quarantine/``), clean and embed the queries (in this
     process when there are at most ``IN_PROCESS_ROWS``): the table of labelled query embeddings
-    sorted by id, the validation report, unlabelled rows."""
+    (with ``judged``, judgments by query id: those it judges) sorted by id, the validation
+    report, the rows left out."""
     from oclear_ray.contract import QUERIES
     from oclear_ray.embed import _actor_resources
     from oclear_ray.read import prepare
@@ -379,11 +441,14 @@ def _read_queries(
         if progress is not None:
             progress(batch.num_rows)
     table = pa.concat_tables(batches)
-    labelled = pc.fill_null(pc.not_equal(table.column("label"), ""), False)
+    if judged is None:
+        kept = pc.fill_null(pc.not_equal(table.column("label"), ""), False)
+    else:
+        kept = pc.is_in(table.column("query_id"), value_set=pa.array(sorted(judged), pa.string()))
     return (
-        table.filter(labelled).sort_by("query_id"),
+        table.filter(kept).sort_by("query_id"),
         report,
-        table.num_rows - pc.sum(labelled).as_py(),
+        table.num_rows - pc.sum(kept).as_py(),
     )
 
 
@@ -423,7 +488,9 @@ def _embed_catalog_in_memory(catalog_path, workdir, model_dir, pool: EmbedConfig
     return normalize(vectors_of(table.take(where)))
 
 
-def fusion_ablation(docs: Catalog, xq, labels, *, workdir, model_dir, config, catalog) -> dict:
+def fusion_ablation(
+    docs: Catalog, xq, judge: Judge, *, workdir, model_dir, config, catalog
+) -> dict:
     """The same queries against the catalog embedded both ways by the same model (exact
     search): ``{"fused": metrics, "image_only": metrics}``. ``WORKDIR/embed`` holds one kind;
     the other is embedded here, from ``catalog``, through Ray Data."""
@@ -434,11 +501,11 @@ def fusion_ablation(docs: Catalog, xq, labels, *, workdir, model_dir, config, ca
         held: docs.vectors,
         other: _embed_catalog_in_memory(catalog, workdir, model_dir, pool, docs.doc_ids),
     }
-    R = docs.label_counts(labels)
+    R = judge.counts()
     out = {"search": "exact", "documents": len(docs.doc_ids)}
     for name in ("fused", "image_only"):
         _, I = exact_search(xq, vectors[name], config.depth)
-        out[name] = retrieval_metrics(relevance(I, labels, docs.labels), R, config.ks)
+        out[name] = retrieval_metrics(judge.relevance(I), R, config.ks)
     return out
 
 
@@ -448,18 +515,19 @@ def _timed(clock: dict, name: str, start: float) -> float:
     return now
 
 
-def score(ann: np.ndarray, exact: np.ndarray, labels, docs: Catalog, config: EvalConfig) -> dict:
+def score(ann: np.ndarray, exact: np.ndarray, judge: Judge, config: EvalConfig) -> dict:
     """The metrics of the report from ANN and exact catalog rows [queries, ranks]: the ANN
     ones at top level, ``exact``, ANN-vs-exact recall@10, per category, recall curves."""
     from oclear_ray.search import knn_overlap
 
-    R = docs.label_counts(labels)
-    rel_ann, rel_exact = relevance(ann, labels, docs.labels), relevance(exact, labels, docs.labels)
+    R = judge.counts()
+    rel_ann, rel_exact = judge.relevance(ann), judge.relevance(exact)
     return {
+        "relevance": judge.basis,
         **retrieval_metrics(rel_ann, R, config.ks),
         "exact": retrieval_metrics(rel_exact, R, config.ks),
         "ann_vs_exact": {"recall@10": knn_overlap(ann, exact, 10)},
-        "per_category": per_category(rel_ann, docs.query_categories(labels, config.category_level)),
+        "per_category": per_category(rel_ann, judge.categories(config.category_level)),
         "curves": {
             "ann": recall_curve(rel_ann, config.curve_depth),
             "exact": recall_curve(rel_exact, config.curve_depth),
@@ -507,11 +575,14 @@ def evaluate(
     report_dir: str | None = None,
     tracking=None,
     progress=None,
+    judgments: str | None = None,
 ) -> dict:
     """Evaluate retrieval of ``queries`` (labelled; ``format`` is theirs) against
     ``WORKDIR/index``; write ``WORKDIR/eval/report.json`` and ``report.html``; return the report.
     ``report_dir`` moves the report (default ``WORKDIR/eval``: what the pipeline stamps). With
-    ``tracking`` (``tracking.Tracking``) the evaluation is also an MLflow run.
+    ``tracking`` (``tracking.Tracking``) the evaluation is also an MLflow run. With
+    ``judgments`` (a file, ``read_judgments``) a document is relevant when they name it for the
+    query, and only the queries they judge are scored.
 
     ``catalog`` (default: the one ``WORKDIR/embed`` was made from) gives the document
     thumbnails and, with ``image_only_docs``, the fusion ablation. ``progress(rows)`` is told
@@ -530,25 +601,31 @@ def evaluate(
     catalog = catalog or docs.summary.get("catalog")
     if image_only_docs and not catalog:
         raise ValueError("the fusion ablation needs the catalog: pass catalog=")
+    judged = read_judgments(judgments) if judgments else None
     report = provenance(workdir, queries, model_dir, catalog, config, docs, index)
+    report["inputs"]["judgments"] = judgments
     t = _timed(clock, "load_s", start)
-    table, validation, unlabelled = _read_queries(
-        queries, workdir, model_dir, config, format, progress
+    table, validation, left_out = _read_queries(
+        queries, workdir, model_dir, config, format, progress, judged
     )
+    if not table.num_rows:
+        what = f"judged in {judgments}" if judged is not None else "labelled"
+        raise ValueError(f"{queries}: no query is {what}: nothing to score")
     t = _timed(clock, "embed_queries_s", t)
-    xq, labels = normalize(vectors_of(table)), table.column("label").to_pylist()
+    xq, judge = normalize(vectors_of(table)), Judge.of(docs, table, judged)
     ann = rows_of(index, docs, index.search(xq, config.depth)[1])
     t = _timed(clock, "ann_search_s", t)
     exact = exact_search(xq, docs.vectors, config.depth)[1]
     t = _timed(clock, "exact_search_s", t)
-    report |= {"n_queries": len(labels), "unlabelled_queries": int(unlabelled)}
-    report |= {"validation": validation.to_dict(), **score(ann, exact, labels, docs, config)}
+    unscored = "unlabelled_queries" if judged is None else "unjudged_queries"
+    report |= {"n_queries": table.num_rows, unscored: int(left_out)}
+    report |= {"validation": validation.to_dict(), **score(ann, exact, judge, config)}
     if image_only_docs:
         report["fusion_ablation"] = fusion_ablation(
-            docs, xq, labels, workdir=workdir, model_dir=model_dir, config=config, catalog=catalog
+            docs, xq, judge, workdir=workdir, model_dir=model_dir, config=config, catalog=catalog
         )
         t = _timed(clock, "fusion_ablation_s", t)
-    rel = relevance(ann, labels, docs.labels)
+    rel = judge.relevance(ann)
     grid = query_grid(table, docs, ann, rel, config, validation.good, catalog, workdir)
     _timed(clock, "grid_s", t)
     report["timing_s"] = {**clock, "total_s": round(time.perf_counter() - start, 3)}
@@ -686,7 +763,7 @@ def _tile(item: dict, caption: str, css: str) -> str:
 
 
 def grid_html(grid: list[dict]) -> str:
-    """One line per query: the query, then its ranked documents (green: same label)."""
+    """One line per query: the query, then its ranked documents (green: relevant)."""
     lines = []
     for q in grid:
         caption = f"{q['query_id']} [{q['label']}]" + (f" “{q['text']}”" if q["text"] else "")
@@ -717,6 +794,12 @@ def _view_line(report: dict) -> str:
     return f"{report['doc_view']}, shape weight {weight:g} (validation R@1 {figures})"
 
 
+def _basis(report: dict) -> str:
+    """How the report counts a hit."""
+    judgments = report["inputs"].get("judgments")
+    return f"judged relevant in {judgments}" if judgments else "label match"
+
+
 def render_html(report: dict, grid: list[dict]) -> str:
     """A self-contained page (no network resources): versions, metrics, curves, categories,
     and the query -> top-k grid."""
@@ -740,7 +823,7 @@ def render_html(report: dict, grid: list[dict]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>oclear-ray eval</title>"
         f"<style>{STYLE}</style></head><body><h1>Retrieval evaluation</h1>"
-        f"{_table(['', ''], info)}<h2>Metrics (label match)</h2>"
+        f"{_table(['', ''], info)}<h2>Metrics ({_basis(report)})</h2>"
         f"{_table(['search', *names], metrics)}<h2>Recall@k</h2>"
         f"{recall_svg({'ANN': report['curves']['ann'], 'exact': report['curves']['exact']})}"
         f"<h2>Per category</h2>{_table(['category', 'queries', 'recall@1'], categories)}"

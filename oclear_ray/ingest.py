@@ -216,10 +216,13 @@ def augment_docs(
     doc_as_query_rate: float,
     view: str = "photo",
     strength: float = 1.0,
+    weights: np.ndarray | None = None,
 ) -> dict:
     """Per-epoch document views, plus query-like views (``view``: "photo", "outline" or
     "render") of a share of them as extra query samples (``query_image`` where
-    ``has_query_image``)."""
+    ``has_query_image``); with class ``weights``, the rows are first resampled (``resample``)."""
+    if weights is not None:
+        batch = resample(batch, weights=weights)
     rng = _seeded()
     pixels = batch["image"]
     size = pixels.shape[1:3]

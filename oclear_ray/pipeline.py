@@ -52,6 +52,8 @@ class PipelineConfig:
     workdir: str
     queries: str | None = None
     eval_queries: str | None = None
+    #: relevance judgments of ``eval_queries`` (``evaluate.read_judgments``); else by label
+    eval_judgments: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     govern: GovernConfig | None = field(default_factory=GovernConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -273,6 +275,7 @@ def _evaluate_stage(run: _Run) -> None:
             image_only_docs=cfg.fusion_ablation,
             tracking=cfg.tracking,
             progress=run.tick("evaluate"),
+            judgments=cfg.eval_judgments,
         )
         out = {k: report[k] for k in ("recall@1", "recall@10", "map@r", "n_queries")}
         if "fusion_ablation" in report:
@@ -283,6 +286,7 @@ def _evaluate_stage(run: _Run) -> None:
 
     inputs = {
         "queries": storage.fingerprint(cfg.eval_queries),
+        "judgments": storage.fingerprint(cfg.eval_judgments),
         "index": run.results["index"].key,
         "config": _asdict(cfg.eval),
         "fusion_ablation": cfg.fusion_ablation,

@@ -13,8 +13,10 @@ it.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -395,11 +397,12 @@ def _validated(path: str, contract, workdir: str, cache: str | None, progress=No
 
 def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
     """Apply the class map, decode and tokenise once (cached in the object store when it
-    fits); per epoch, resample documents by their class's sampling weight and augment."""
+    fits); per pass, in a random block order, resample documents by their class's sampling
+    weight and augment (one task per batch: a small set is repeated to fill ``PASS_STEPS``)."""
     from ray.data import ActorPoolStrategy
 
     from oclear_ray.classmap import apply_class_map, class_weights
-    from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries, resample
+    from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries
 
     pre = cfg.model.preprocess
     ds = ds.map_batches(
@@ -418,21 +421,32 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         ),
     )
     if cfg.data.cache:
-        prepared = prepared.materialize()
-    weights = class_weights(class_map)
-    if view == "doc" and weights is not None:
-        prepared = prepared.map_batches(
-            resample, fn_kwargs={"weights": weights}, batch_format="numpy", num_cpus=0.25
-        )
+        ds = _repeated(prepared.materialize(), cfg, view)
+    else:
+        ds = prepared.randomize_block_order()
+    kwargs = dict(augment=cfg.data.augment, strength=cfg.data.augment_strength)
     if view == "doc":
         fn = augment_docs
-        kwargs = {"doc_as_query_rate": cfg.data.doc_as_query_rate, "view": cfg.data.doc_query_view}
+        kwargs |= {"doc_as_query_rate": cfg.data.doc_as_query_rate, "view": cfg.data.doc_query_view}
+        kwargs["weights"] = class_weights(class_map)
     else:
-        fn, kwargs = augment_queries, {}
-    kwargs.update(augment=cfg.data.augment, strength=cfg.data.augment_strength)
-    return prepared.randomize_block_order().map_batches(
-        fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=128, num_cpus=0.5
-    )
+        fn = augment_queries
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=128, num_cpus=0.5)
+
+
+#: a pass of a training pipeline covers at least this many steps: a small cached set is
+#: repeated (each copy resampled and augmented afresh), since every pass starts Ray Data's
+#: execution anew (its tasks, the split among workers), and a pass of a few batches waits on it
+PASS_STEPS = 64
+
+
+def _repeated(ds, cfg: TrainConfig, view: str):
+    """The materialized ``ds`` as one pass: enough copies of it (its blocks, not copied) to
+    fill ``PASS_STEPS`` steps of every worker, each in its own random block order."""
+    batch = cfg.data.batch_size if view == "doc" else cfg.data.query_batch_size
+    copies = math.ceil(PASS_STEPS * batch * cfg.run.workers / max(ds.count(), 1))
+    ordered = [ds.randomize_block_order() for _ in range(max(copies, 1))]
+    return ordered[0].union(*ordered[1:]) if len(ordered) > 1 else ordered[0]
 
 
 def fit(
@@ -574,11 +588,14 @@ def _training_data(cfg, catalog, queries, workdir, class_map, cache, progress) -
     vocab = _vocab_size(tokenizer_path)
     cfg = replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, vocab_size=vocab)))
     views = {"docs": ("doc", docs), "queries": ("query", q_ds)}
-    datasets = {
-        name: _pipeline(ds, view=view, cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path)
-        for name, (view, ds) in views.items()
-        if ds is not None
-    }
+    kwargs = dict(cfg=cfg, class_map=class_map, tokenizer_path=tokenizer_path)
+    with ThreadPoolExecutor(2) as pool:  # both pipelines cache their rows at once
+        made = {
+            name: pool.submit(_pipeline, ds, view=view, **kwargs)
+            for name, (view, ds) in views.items()
+            if ds is not None
+        }
+        datasets = {name: future.result() for name, future in made.items()}
     quarantined = {"catalog": doc_report.quarantined}
     if q_report:
         quarantined["queries"] = q_report.quarantined

@@ -20,12 +20,15 @@ from oclear_ray.embed import (
     vectors_of,
 )
 from oclear_ray.evaluate import (
+    Catalog,
+    Judge,
     encode_queries,
     exact_search,
     label_recall,
     map_at_r,
     ndcg_at,
     per_category,
+    read_judgments,
     recall_at,
     recall_curve,
     relevance,
@@ -58,6 +61,48 @@ def test_relevance_recall_and_curve_by_label_match():
     assert recall_at(rel, (1, 2, 5)) == {"recall@1": 0.25, "recall@2": 0.5, "recall@5": 0.5}
     assert recall_curve(rel, 10) == [0.25, 0.5, 0.5, 0.5, 0.5]
     assert label_recall(I, QUERY_LABELS, DOC_LABELS, ks=(1,)) == {"recall@1": 0.25}
+
+
+def _catalog(labels, categories=None) -> Catalog:
+    n = len(labels)
+    return Catalog(
+        doc_ids=np.array([f"d{i}" for i in range(n)], dtype=object),
+        labels=np.array(labels, dtype=object),
+        categories=np.array(categories or [None] * n, dtype=object),
+        vectors=np.zeros((n, 2), np.float32),
+        summary={},
+    )
+
+
+def test_judgments_name_the_relevant_documents_whatever_their_labels():
+    """A judge by label equals ``relevance``; with judgments a document is relevant when they
+    name it (d2 carries label a but is another product; d4, labelled d, is q0's product), R
+    counts the judged documents the catalog holds, and a query's category is its judged
+    documents' most common one."""
+    docs = _catalog(DOC_LABELS, ["toys/car", "toys/car", "food", "food", "toys/ball"])
+    table = pa.table({"query_id": ["q0", "q1", "q2", "q3"], "label": QUERY_LABELS})
+    by_label = Judge.of(docs, table, None)
+    assert (by_label.relevance(I) == relevance(I, QUERY_LABELS, DOC_LABELS)).all()
+    assert by_label.counts().tolist() == R.tolist() and by_label.basis == "label"
+    judged = {"q0": {"d0", "d4"}, "q1": {"d1", "gone"}, "q2": set(), "q3": {"d3"}}
+    judge = Judge.of(docs, table, judged)
+    assert judge.basis == "judgments"
+    assert judge.relevance(I).tolist()[0] == [False, True, False, False, True]
+    assert judge.relevance(I)[:, 0].tolist() == [False, True, False, False]
+    assert judge.counts().tolist() == [2, 1, 0, 1]
+    assert judge.categories(1) == ["toys", "toys", "(none)", "food"]
+    assert by_label.categories(2) == ["toys/car", "toys/car", "food", "(none)"]
+
+
+def test_judgments_file_is_read_or_refused_by_name(tmp_path):
+    good = tmp_path / "j.json"
+    good.write_text(json.dumps({"q0": ["d1", "d2"], "q1": []}))
+    assert read_judgments(str(good)) == {"q0": {"d1", "d2"}, "q1": set()}
+    for text in ('["d1"]', '{"q0": "d1"}', '{"q0": [1]}', "not json"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="judgments .*bad.json"):
+            read_judgments(str(bad))
 
 
 def test_map_at_r_and_ndcg_exact_values():
@@ -255,6 +300,46 @@ def test_embed_image_only_gives_the_ablation_numbers(fused, data, model_dir, que
     got = retrieval_metrics(rel, R, (1, 5, 10))
     for m in METRICS:
         assert got[m] == pytest.approx(fused[1]["fusion_ablation"]["image_only"][m])
+
+
+def test_eval_with_judgments_scores_only_judged_queries_by_them(fused, data, model_dir, tmp_path):
+    """`oclear eval --judgments`: the judged queries only, a hit being a judged document.
+    Judging each query's own label's documents gives the label figures; judging half the
+    queries scores those; judging none is refused. (In a copy of the work directory: the
+    module's report stays.)"""
+    import shutil
+
+    workdir, report = str(tmp_path / "work"), fused[1]
+    shutil.copytree(fused[0], workdir)
+    table = pq.read_table(data[1]).slice(0, data[2])
+    docs = pq.read_table(data[0], columns=["doc_id", "label"]).to_pylist()
+    of = {}
+    for d in docs:
+        of.setdefault(d["label"], []).append(d["doc_id"])
+    rows = table.select(["query_id", "label"]).to_pylist()
+    same = {r["query_id"]: of.get(r["label"], []) for r in rows}
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps(same))
+    args = ["eval", "--workdir", workdir, "--queries", data[1], "--model-dir", model_dir]
+    out = CliRunner().invoke(app, [*args, "--judgments", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "hits judged in" in out.output
+    judged = json.loads(Path(workdir, "eval", "report.json").read_text())
+    assert judged["relevance"] == "judgments" and report["relevance"] == "label"
+    assert judged["n_queries"] == data[2] and judged["unjudged_queries"] == 0
+    for m in METRICS:
+        assert judged[m] == pytest.approx(report[m])
+    assert "judged relevant in" in Path(workdir, "eval", "report.html").read_text()
+    half = dict(list(same.items())[: data[2] // 2])
+    path.write_text(json.dumps(half))
+    out = CliRunner().invoke(app, [*args, "--judgments", str(path)])
+    assert out.exit_code == 0, out.output
+    judged = json.loads(Path(workdir, "eval", "report.json").read_text())
+    assert judged["n_queries"] == len(half)
+    assert judged["unjudged_queries"] == data[2] - len(half)
+    path.write_text(json.dumps({"nobody": ["d0"]}))
+    out = CliRunner().invoke(app, [*args, "--judgments", str(path)])
+    assert out.exit_code == 2 and "no query is judged in" in out.output
 
 
 def test_eval_refuses_a_missing_model(fused, data, tmp_path):

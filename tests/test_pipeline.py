@@ -104,6 +104,17 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     truth, shown = read_json(data, "truth.json"), read_json(data, "new_photos.json")
     trained = pq.read_table(os.path.join(data, "queries.parquet")).column("query_id")
     assert set(shown.values()) == {truth["query_product"][q] for q in trained.to_pylist()}
+
+    # both evaluations count a hit by the product the photo shows, not by the noisy labels
+    assert new["relevance"] == held["relevance"] == "judgments"
+    assert "a hit is a document of the photographed product" in output
+    judged = read_json(data, "new_photos_judgments.json")
+    assert set(judged) == set(shown)
+    for query, docs in judged.items():
+        assert docs and {truth["doc_product"][d] for d in docs} == {shown[query]}
+    assert sum(len(d) for d in judged.values()) == sum(
+        1 for q in shown for p in truth["doc_product"].values() if p == shown[q]
+    )
     top = output.split("top hit ")[1].split()[0]
     photographed = shown[photos.column("query_id")[0].as_py()]
     verdict = "is" if truth["doc_product"][top] == photographed else "is not"
