@@ -643,7 +643,7 @@ def demo(
     """Synthesize a small catalog, run the whole pipeline on it (evaluated on new photos of
     catalog products, and on products never photographed), serve the search page and search it
     once with a new photo of a catalog product. Without ``--config`` it trains the demo's
-    recipe (``demo.RECIPE``: a ResNet at 32 px with photo-like views of the documents)."""
+    recipe (``demo.RECIPE``: a ResNet at 32 px, photo-like views of documents and photos)."""
     from oclear_ray import demo as steps_of
     from oclear_ray.pipeline import PipelineConfig
     from oclear_ray.tracking import tracking_for

@@ -278,12 +278,19 @@ class DataConfig:
     #: moved and scaled, then re-inked, knocked out of a tile, grey, line art or edges)
     doc_as_query_rate: float = 0.0
     doc_query_view: str = "photo"
+    #: at most this many Ray Data tasks drawing views at once (0: one per training worker).
+    #: Each is a process that imports torch: on a few cores, more of them start up slower than
+    #: they work (2-core demo: 6 at once held the first batch 30 s and the steps at 290
+    #: samples/s; 2 at once, 23 s and 420)
+    view_tasks: int = 0
 
     def __post_init__(self):
         if self.doc_query_view not in DOC_QUERY_VIEWS:
             raise ValueError(
                 f"data.doc_query_view must be one of {DOC_QUERY_VIEWS}, got {self.doc_query_view!r}"
             )
+        if self.view_tasks < 0:
+            raise ValueError(f"data.view_tasks must be >= 0, got {self.view_tasks}")
         for name in ("batch_size", "query_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -398,7 +398,8 @@ def _validated(path: str, contract, workdir: str, cache: str | None, progress=No
 def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_path: str):
     """Apply the class map, decode and tokenise once (cached in the object store when it
     fits); per pass, in a random block order, resample documents by their class's sampling
-    weight and augment (one task per batch: a small set is repeated to fill ``PASS_STEPS``)."""
+    weight and augment (in at most ``data.view_tasks`` tasks at once; a small set is repeated to
+    fill ``PASS_STEPS``)."""
     from ray.data import ActorPoolStrategy
 
     from oclear_ray.classmap import apply_class_map, class_weights
@@ -431,7 +432,15 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         kwargs["weights"] = class_weights(class_map)
     else:
         fn = augment_queries
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=128, num_cpus=0.5)
+    tasks = cfg.data.view_tasks or cfg.run.workers
+    return ds.map_batches(
+        fn,
+        fn_kwargs=kwargs,
+        batch_format="numpy",
+        batch_size=128,
+        num_cpus=0.5,
+        concurrency=tasks,
+    )
 
 
 #: a pass of a training pipeline covers at least this many steps: a small cached set is

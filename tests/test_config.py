@@ -73,6 +73,7 @@ def test_a_budget_without_steps_is_the_schedule():
         ({"head": {"sample_rate": 0}}, r"head.sample_rate must be in \(0, 1\], got 0"),
         ({"run": {"precision": "fp8"}}, "run.precision must be one of"),
         ({"run": {"workers": 0}}, "run.workers must be >= 1, got 0"),
+        ({"data": {"view_tasks": -1}}, "data.view_tasks must be >= 0, got -1"),
         ({"schedule": [{"name": "a", "steps": 1, "towers": "text"}]}, "towers must be one of"),
         ({"schedule": []}, "schedule needs at least one stage"),
         ({"run": {"wrokers": 2}}, r"unknown key\(s\) \['wrokers'\] in run \(known: workers,"),
