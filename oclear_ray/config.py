@@ -280,8 +280,8 @@ class DataConfig:
     doc_query_view: str = "photo"
     #: at most this many Ray Data tasks drawing views at once (0: one per training worker).
     #: Each is a process that imports torch: on a few cores, more of them start up slower than
-    #: they work (2-core demo: 6 at once held the first batch 30 s and the steps at 290
-    #: samples/s; 2 at once, 23 s and 420)
+    #: they work (2-core demo: 6 at once held the first batch 38 s and the steps at 290
+    #: samples/s; 2 at once, 23 s and 417)
     view_tasks: int = 0
 
     def __post_init__(self):

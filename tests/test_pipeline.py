@@ -154,6 +154,8 @@ def test_pipeline_rerun_skips_current_stages_and_reruns_what_changed(demo):
         os.path.join(data, "queries.parquet"),
         "--eval-queries",
         os.path.join(data, "new_photos.parquet"),  # what the demo evaluates
+        "--eval-judgments",
+        os.path.join(data, "new_photos_judgments.json"),  # and how it counts a hit
         "--workdir",
         workdir,
         "--config",
