@@ -70,7 +70,8 @@ def ensure_data(
         products = sorted({truth["query_product"][q] for q in trained})
         shown = more_photos(paths["new_photos"], config, products, per_product=queries_per_class)
         Path(paths["new_photos_products"]).write_text(json.dumps(shown))
-        held = {q: p for q, p in truth["query_product"].items() if q not in set(trained)}
+        seen = set(trained)
+        held = {q: p for q, p in truth["query_product"].items() if q not in seen}
         for name, photos in (("new_photos", shown), ("eval_queries", held)):
             text = json.dumps(judgments(truth, photos), sort_keys=True)
             Path(paths[f"{name}_judgments"]).write_text(text)

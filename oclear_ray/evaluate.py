@@ -354,7 +354,10 @@ class Judge:
             return cls(docs, labels)
         row = {d: i for i, d in enumerate(docs.doc_ids.tolist())}
         ids = table.column("query_id").to_pylist()
-        return cls(docs, labels, [{row[d] for d in judgments[q] if d in row} for q in ids])
+        judged = [{row[d] for d in judgments[q] if d in row} for q in ids]
+        if not any(judged) and any(judgments[q] for q in ids):
+            raise ValueError("the judgments name no document of this catalog (another catalog's?)")
+        return cls(docs, labels, judged)
 
     @property
     def basis(self) -> str:

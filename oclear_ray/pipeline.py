@@ -75,6 +75,8 @@ class PipelineConfig:
             raise ValueError(f"govern mode must be one of {GOVERN_MODES}, got {self.govern_mode!r}")
         if self.govern_mode == "off":
             self.govern = None
+        if self.eval_judgments and not self.eval_queries:
+            raise ValueError("eval_judgments judge the eval queries: give eval_queries too")
         if self.views not in VIEW_SPLITS:
             raise ValueError(f"views must be one of {VIEW_SPLITS}, got {self.views!r}")
         if self.probe_steps < 1 or not 0.0 < self.probe_share < 1.0:

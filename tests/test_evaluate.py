@@ -92,6 +92,8 @@ def test_judgments_name_the_relevant_documents_whatever_their_labels():
     assert judge.counts().tolist() == [2, 1, 0, 1]
     assert judge.categories(1) == ["toys", "toys", "(none)", "food"]
     assert by_label.categories(2) == ["toys/car", "toys/car", "food", "(none)"]
+    with pytest.raises(ValueError, match="name no document of this catalog"):
+        Judge.of(docs, table, {"q0": {"x1"}, "q1": set(), "q2": {"x2"}, "q3": set()})
 
 
 def test_judgments_file_is_read_or_refused_by_name(tmp_path):

@@ -89,3 +89,5 @@ def test_govern_modes_decide_without_a_probe_where_nothing_is_to_measure(tmp_pat
     assert PipelineConfig(catalog="c", workdir="w", govern_mode="off").govern is None
     with pytest.raises(ValueError, match="govern mode must be one of .* got 'sometimes'"):
         PipelineConfig(catalog="c", workdir="w", govern_mode="sometimes")
+    with pytest.raises(ValueError, match="eval_judgments judge the eval queries"):
+        PipelineConfig(catalog="c", workdir="w", eval_judgments="j.json")
