@@ -836,7 +836,10 @@ def headline(stage: str, out: dict, report: dict | None = None) -> str:
     if stage == "train":
         loss = f", loss {report['loss']:.3f}" if report else ""
         views = out.get("views")
-        view = f"; {views['doc_view']} docs, shape {views['shape_weight']:g}" if views else ""
+        view = ""
+        if views:
+            levels = f" {views['shape_levels']}" if views.get("shape_levels") else ""
+            view = f"; {views['doc_view']} docs, shape {views['shape_weight']:g}{levels}"
         return f"{out.get('steps', '?')} steps{loss}{view}"
     if stage == "embed" and "embedded" in out:
         return f"{out['embedded']} documents embedded"

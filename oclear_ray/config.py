@@ -142,24 +142,38 @@ def _check_attention(section, width: str) -> None:
         raise ValueError(f"{where}.dropout must be in [0, 1), got {section.dropout}")
 
 
+#: what the shape code reads of an image (``ShapeConfig.levels``)
+SHAPE_LEVELS = ("grey", "ink")
+
+
 @section
 class ShapeConfig:
     """The coarse shape code kept beside the learned embedding (``model.ShapeCode``): the
-    lowest ``size`` x ``size`` 2-D DCT frequencies of the image's grey levels, weighted by
+    lowest ``size`` x ``size`` 2-D DCT frequencies of the image's ``levels``, weighted by
     ``weight`` against the learned part (0 or size 0 turn it off). It is what pixel k-NN
     matches, and a learned embedding trained on few renderings loses it on renderings it never
-    saw. The default (16, weight 2) was chosen on class-split validation queries of both
-    development sets (``bench/recipe.py --shape-weights``); pretrained photo backbones turn it
-    off (``configs/gpu.yaml``)."""
+    saw. ``levels`` is "grey" (luma: every mark counts) or "ink" (the darkness of the brightest
+    channel: black ink counts, coloured fills read as paper, so a colour drawing and its line
+    art share a code). Size 24 was chosen on the training queries of both development sets
+    (pixel k-NN there: 16 / 24 / 32 give 0.779 / 0.797 / 0.800 on openmoji-dev, 0.453 / 0.457 /
+    0.459 on logos-dev), weight 2 on class-split validation queries (``bench/recipe.py
+    --shape-weights``); a pipeline chooses the levels and whether to keep the code on its own
+    validation split (``views.choose_views``); pretrained photo backbones turn it off
+    (``configs/gpu.yaml``)."""
 
-    size: int = 16
+    size: int = 24
     weight: float = 2.0
+    levels: str = "grey"
 
     def __post_init__(self) -> None:
         if self.size < 0 or self.size == 1:
             raise ValueError(f"model.shape.size must be 0 (off) or >= 2, got {self.size}")
         if self.weight < 0:
             raise ValueError(f"model.shape.weight must be >= 0, got {self.weight}")
+        if self.levels not in SHAPE_LEVELS:
+            raise ValueError(
+                f"model.shape.levels must be one of {SHAPE_LEVELS}, got {self.levels!r}"
+            )
 
     @property
     def dim(self) -> int:

@@ -793,8 +793,9 @@ def _view_line(report: dict) -> str:
     if not choice:
         return f"{report['doc_view']} (not chosen on validation queries)"
     figures = ", ".join(f"{k} {v:.3f}" for k, v in choice["recall@1"].items())
-    weight = choice["shape_weight"]
-    return f"{report['doc_view']}, shape weight {weight:g} (validation R@1 {figures})"
+    weight, levels = choice["shape_weight"], choice.get("shape_levels")
+    code = f"shape weight {weight:g}" + (f" on {levels} levels" if levels else "")
+    return f"{report['doc_view']}, {code} (validation R@1 {figures})"
 
 
 def _basis(report: dict) -> str:

@@ -151,14 +151,24 @@ def doc_view_of(manifest: dict) -> str:
     return manifest.get("doc_view", "fused")
 
 
-def revise(model_dir: str, *, doc_view: str, shape_weight: float, choice: dict) -> str:
-    """Set an export's document view and shape-code weight (the weights stay: neither is
-    trained) and record the ``choice`` that picked them; return the new model_version (it
-    covers both, so embeddings and indexes of the old settings are refused)."""
+def revise(
+    model_dir: str,
+    *,
+    doc_view: str,
+    shape_weight: float,
+    choice: dict,
+    shape_levels: str | None = None,
+) -> str:
+    """Set an export's document view and shape code (its weight, and its levels unless None;
+    the weights stay: none of them is trained) and record the ``choice`` that picked them;
+    return the new model_version (it covers them, so embeddings and indexes of the old settings
+    are refused)."""
     from oclear_ray import storage
 
     manifest = read_manifest(model_dir)
     manifest["model"]["shape"]["weight"] = float(shape_weight)
+    if shape_levels is not None:
+        manifest["model"]["shape"]["levels"] = shape_levels
     ModelConfig.from_dict(manifest["model"])  # still a valid model
     manifest |= {"doc_view": doc_view, "view_choice": choice}
     manifest = json.loads(json.dumps(manifest))

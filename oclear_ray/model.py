@@ -306,25 +306,31 @@ def dct_basis(n: int, k: int) -> torch.Tensor:
 
 
 class ShapeCode(nn.Module):
-    """The image's coarse shape as a unit vector: its grey levels' lowest k x k 2-D DCT
-    frequencies, the constant term left out (brightness does not count). No parameters: it
-    is what pixel k-NN matches, and it keeps that match on renderings training never showed
-    (line art of colour items, colour logos of monochrome marks)."""
+    """The image's coarse shape as a unit vector: the lowest k x k 2-D DCT frequencies of its
+    grey levels or its ink (``ShapeConfig.levels``), the constant term left out (brightness
+    does not count). No parameters: it is what pixel k-NN matches, and it keeps that match on
+    renderings training never showed (line art of colour items, colour logos of monochrome
+    marks)."""
 
     def __init__(self, config: ShapeConfig, preprocess: PreprocessConfig):
         super().__init__()
         size = preprocess.image_size
+        self.levels = config.levels
         self.register_buffer("basis", dct_basis(size, config.size), persistent=False)
-        grey = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma
-        # grey = sum_c w_c (x_c std_c + mean_c): a weight per channel, and a constant that only
-        # the dropped DCT term sees
-        std = torch.tensor(preprocess.std)
-        self.register_buffer("channel_weight", (grey * std).view(1, 3, 1, 1), persistent=False)
+        # the pixels in [0, 1] are x_c std_c + mean_c
+        std, mean = torch.tensor(preprocess.std), torch.tensor(preprocess.mean)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised images -> [B, k*k - 1] unit vectors."""
-        grey = (images.float() * self.channel_weight).sum(1)
-        coeffs = self.basis @ grey @ self.basis.T
+        pixels = images.float() * self.std + self.mean
+        if self.levels == "ink":  # dark in every channel: 1 - the brightest channel
+            levels = 1.0 - pixels.amax(1)
+        else:  # ITU-R 601 luma
+            levels = torch.einsum("bchw,c->bhw", pixels, self.luma)
+        coeffs = self.basis @ levels @ self.basis.T
         return F.normalize(coeffs.flatten(1)[:, 1:], dim=-1)
 
 

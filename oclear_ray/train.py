@@ -400,7 +400,7 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
     fits); per pass, in a random block order, resample documents by their class's sampling
     weight and augment (in at most ``data.view_tasks`` tasks at once; a small set is repeated to
     fill ``PASS_STEPS``)."""
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from oclear_ray.classmap import apply_class_map, class_weights
     from oclear_ray.ingest import PrepareBatches, augment_docs, augment_queries
@@ -439,7 +439,7 @@ def _pipeline(ds, *, view: str, cfg: TrainConfig, class_map: dict, tokenizer_pat
         batch_format="numpy",
         batch_size=128,
         num_cpus=0.5,
-        concurrency=tasks,
+        compute=TaskPoolStrategy(size=tasks),
     )
 
 
@@ -478,7 +478,7 @@ def fit(
     trains. The inputs' clean copies (``read.prepare``) live in ``cache`` (default
     WORKDIR/clean: a pipeline's probe trainings share the pipeline's). With ``views`` (a
     ``views.Split`` whose held-out photos ``queries`` lacks), the export's document view and
-    shape weight are then chosen on them (``views.choose_views``)."""
+    shape code are then chosen on them (``views.choose_views``)."""
     from oclear_ray import storage
     from oclear_ray.export import read_manifest
     from oclear_ray.model import resolve_pretrained
@@ -519,16 +519,16 @@ def fit(
 
 
 def _choose_views(model_dir: str, split, cfg: TrainConfig, run) -> dict:
-    """The document view and shape weight chosen on ``split``'s held-out photos, written into
+    """The document view and shape code chosen on ``split``'s held-out photos, written into
     the export (a new model version) and, when tracked, the run."""
     from oclear_ray.export import revise
     from oclear_ray.views import choose_views
 
     choice = choose_views(model_dir, split, cfg.model.shape.weight)
-    view, weight = choice["doc_view"], choice["shape_weight"]
-    revise(model_dir, doc_view=view, shape_weight=weight, choice=choice)
+    view, weight, levels = choice["doc_view"], choice["shape_weight"], choice["shape_levels"]
+    revise(model_dir, doc_view=view, shape_weight=weight, shape_levels=levels, choice=choice)
     if run is not None:
-        run.set_tags({"doc_view": view, "shape_weight": weight})
+        run.set_tags({"doc_view": view, "shape_weight": weight, "shape_levels": str(levels)})
         run.log_metrics({"validation_recall_at_1": choice["recall@1"]})
     return choice
 

@@ -1,10 +1,11 @@
 """The document view, chosen per catalog on training queries held out for validation.
 
 A catalog's documents can be embedded fused with their text or from their image alone, and the
-shape code (``model.ShapeCode``) kept beside the learned embedding or left out; which is better
-depends on the catalog (its text, its queries' renderings). ``validation_split`` holds a share
+shape code (``model.ShapeCode``) of grey or of ink levels kept beside the learned embedding at
+some weight or left out; which is better depends on the catalog (its text, its queries'
+renderings). ``validation_split`` holds a share
 of the training queries out of training (by class, or by photo); after training,
-``choose_views`` scores the four settings on them and ``export.revise`` records the best in the
+``choose_views`` scores each setting on them and ``export.revise`` records the best in the
 export. No evaluation query takes part. ``validation_recall`` is governance's probe figure on
 the same split.
 """
@@ -113,35 +114,50 @@ def validation_recall(model_dir: str, docs, queries, class_map: dict) -> dict:
     return {"recall@1": float((doc_class[I[:, 0]] == want).mean()), "queries": len(want)}
 
 
+#: the shape-code weights a view choice scores beside the config's own (and 0, no code)
+SHAPE_WEIGHTS = (1.0, 2.0, 4.0)
+
+
 def choose_views(model_dir: str, split: Split, weight: float) -> dict:
-    """The document view (fused or image-only) and shape-code weight (the config's ``weight``
-    or 0, leaving it out) whose validation R@1 is highest: the held-out photos search the
-    whole catalog exactly, relevance by the trained class map. A tie keeps the config's
-    settings (fused documents, its weight). Every input is embedded once: the learned part and
-    the shape code apart, joined per weight (``model.RetrievalModel._with_shape``)."""
+    """The document view (fused or image-only) and shape code (on grey or on ink levels, at
+    the config's ``weight`` or one of ``SHAPE_WEIGHTS``, or left out) whose validation R@1 is
+    highest: the held-out photos search
+    the whole catalog exactly, relevance by the trained class map. A tie keeps the export's
+    settings (fused documents, its weight and levels). Every input is embedded once, the
+    learned part and the shape codes apart, joined per setting
+    (``model.RetrievalModel._with_shape``)."""
     from oclear_ray.classmap import load_class_map
     from oclear_ray.evaluate import exact_search
 
     class_map = load_class_map(storage.join(model_dir, "class_map.json"))
     parts = _learned_and_shape(model_dir, split.docs, split.val)
-    weights = [weight, 0.0] if weight and parts["shape_q"] is not None else [0.0]
+    codes = parts["shape"] if weight else {}  # the export's own levels first
+    weights = [weight, *(w for w in SHAPE_WEIGHTS if w != weight)] if codes else []
     doc_class, want = _classes(split.docs, split.val, class_map)
-    recall = {}
+    settings, recall = {}, {}
     for view in ("fused", "image_only"):
-        for w in weights:
-            xq = _joined(parts["query"], parts["shape_q"], w)
-            xb = _joined(parts[view], parts["shape_d"], w)
+        for w, levels in [*((w, lv) for lv in codes for w in weights), (0.0, None)]:
+            code_q, code_d = codes.get(levels, (None, None))
+            xq, xb = _joined(parts["query"], code_q, w), _joined(parts[view], code_d, w)
             _, I = exact_search(xq, xb, 1)
-            recall[f"{view}@{w:g}"] = float((doc_class[I[:, 0]] == want).mean())
-    best = max(recall, key=lambda k: (recall[k], k == f"fused@{weights[0]:g}"))
-    view, w = best.split("@")
+            key = setting_key(view, w, levels)
+            settings[key] = (view, w, levels)
+            recall[key] = float((doc_class[I[:, 0]] == want).mean())
+    own = next(iter(settings))
+    view, w, levels = settings[max(recall, key=lambda k: (recall[k], k == own))]
     return {
         "doc_view": view,
         "shape_weight": float(w),
+        "shape_levels": levels,
         "recall@1": recall,
         "queries": int(len(want)),
         "held_out_by": split.by,
     }
+
+
+def setting_key(view: str, weight: float, levels: str | None) -> str:
+    """How a view choice names one setting: ``fused@2:ink``, ``image_only@0`` (no code)."""
+    return f"{view}@{weight:g}" + (f":{levels}" if weight else "")
 
 
 def _joined(learned, code, weight: float):
@@ -156,29 +172,37 @@ def _joined(learned, code, weight: float):
 
 def _learned_and_shape(model_dir: str, docs, queries) -> dict:
     """The learned embeddings of the held-out photos and of the documents (fused and
-    image-only) without the shape code, and the shape codes of both (None without one)."""
+    image-only) without the shape code, and the shape codes of both on each of
+    ``SHAPE_LEVELS`` (``{levels: (photos, documents)}``, empty without a code)."""
+    import dataclasses
+
     import torch
 
+    from oclear_ray.config import SHAPE_LEVELS
     from oclear_ray.evaluate import embed_in_process
     from oclear_ray.export import load_doc_encoder, load_query_encoder
+    from oclear_ray.model import ShapeCode
 
     query, doc = load_query_encoder(model_dir), load_doc_encoder(model_dir)
-    code = doc.model.shape
+    config = doc.model.config
+    has_code = doc.model.shape is not None
     query.model.shape = doc.model.shape = None  # the learned part alone
     images, texts = docs.column("image").to_pylist(), docs.column("text").to_pylist()
     photos = queries.column("image").to_pylist()
 
-    def codes(encoder, items):
-        if code is None:
-            return None
+    def codes(code, encoder, items):
         with torch.inference_mode():
             rows = [code(encoder.images(items[i : i + 256])) for i in range(0, len(items), 256)]
         return torch.cat(rows).numpy()
 
+    shape = {}
+    own = config.shape.levels
+    for levels in sorted(SHAPE_LEVELS, key=lambda lv: lv != own) if has_code else ():
+        code = ShapeCode(dataclasses.replace(config.shape, levels=levels), config.preprocess)
+        shape[levels] = (codes(code, query, photos), codes(code, doc, images))
     return {
         "query": embed_in_process(query, photos, doc=False),
         "fused": embed_in_process(doc, images, [t or "" for t in texts], doc=True),
         "image_only": embed_in_process(doc, images, None, doc=True),
-        "shape_q": codes(query, photos),
-        "shape_d": codes(doc, images),
+        "shape": shape,
     }

@@ -195,9 +195,13 @@ def test_stage_lines_show_each_stage_its_counts_and_headline():
     assert cli.headline("evaluate", {"recall@1": 0.5, "recall@10": 0.75, "n_queries": 8}) == (
         "R@1 0.500, R@10 0.750 (8 queries)"
     )
-    views = {"doc_view": "image_only", "shape_weight": 0.0}
+    views = {"doc_view": "image_only", "shape_weight": 0.0, "shape_levels": None}
     assert cli.headline("train", {"steps": 9, "views": views}, {"loss": 2.0}) == (
         "9 steps, loss 2.000; image_only docs, shape 0"
+    )
+    views = {"doc_view": "fused", "shape_weight": 2.0, "shape_levels": "ink"}
+    assert cli.headline("train", {"steps": 9, "views": views}) == (
+        "9 steps; fused docs, shape 2 ink"
     )
 
 

@@ -1,4 +1,4 @@
-"""The document view and shape weight chosen on held-out training queries (no Ray):
+"""The document view and shape code chosen on held-out training queries (no Ray):
 ``pipeline.held_out``, ``pipeline.choose_views``, ``export.revise`` and the embedders that
 follow the export's view."""
 
@@ -18,7 +18,7 @@ from oclear_ray.evaluate import embed_in_process
 from oclear_ray.export import export_model, load_doc_encoder, read_manifest, revise
 from oclear_ray.model import RetrievalModel
 from oclear_ray.text import train_tokenizer
-from oclear_ray.views import Split, choose_views, held_out, validation_recall
+from oclear_ray.views import Split, choose_views, held_out, setting_key, validation_recall
 
 LABELS = ["mug", "cup", "bottle", "bag"]
 
@@ -114,19 +114,29 @@ def test_doc_embedder_follows_the_export_view_and_marks_the_other(model_dir, dat
 
 
 def test_choose_views_scores_what_the_encoders_embed(model_dir, data):
-    """Each figure is the R@1 the export itself gives with that view and weight; the best wins,
-    and a tie keeps fused documents at the config's weight."""
+    """Each figure is the R@1 the export itself gives with that view and shape code; the best
+    wins, and a tie keeps fused documents with the config's code (grey levels, weight 2)."""
     docs, val = data
     split = Split("unused/class/train_queries.parquet", val, docs, "class")
     choice = choose_views(model_dir, split, 2.0)
-    assert set(choice["recall@1"]) == {"fused@2", "fused@0", "image_only@2", "image_only@0"}
+    settings = ["2:grey", "1:grey", "4:grey", "2:ink", "1:ink", "4:ink", "0"]
+    assert list(choice["recall@1"]) == [
+        f"{view}@{setting}" for view in ("fused", "image_only") for setting in settings
+    ]
     assert choice["queries"] == 8 and choice["held_out_by"] == "class"
     best = max(choice["recall@1"].values())
-    assert choice["recall@1"][f"{choice['doc_view']}@{choice['shape_weight']:g}"] == best
-    if choice["recall@1"]["fused@2"] == best:
+    chosen = setting_key(choice["doc_view"], choice["shape_weight"], choice["shape_levels"])
+    assert choice["recall@1"][chosen] == best
+    if choice["recall@1"]["fused@2:grey"] == best:
         assert (choice["doc_view"], choice["shape_weight"]) == ("fused", 2.0)
+        assert choice["shape_levels"] == "grey"
     class_map = raw_class_map(LABELS)
-    for view, weight in (("fused", 2.0), ("fused", 0.0)):
-        revise(model_dir, doc_view=view, shape_weight=weight, choice={})
+    for view, weight, levels in (
+        ("fused", 2.0, "grey"),
+        ("image_only", 2.0, "ink"),
+        ("fused", 0.0, None),
+    ):
+        revise(model_dir, doc_view=view, shape_weight=weight, shape_levels=levels, choice={})
         got = validation_recall(model_dir, docs, val, class_map)["recall@1"]
-        assert got == pytest.approx(choice["recall@1"][f"{view}@{weight:g}"])
+        assert got == pytest.approx(choice["recall@1"][setting_key(view, weight, levels)])
+    assert read_manifest(model_dir)["model"]["shape"]["levels"] == "ink"  # None keeps it

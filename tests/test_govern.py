@@ -321,7 +321,10 @@ def test_training_pipeline_applies_the_class_map_and_resamples(governed, tmp_pat
     train_tokenizer(texts, vocab_size=200).save(tokenizer_path)
     cfg = TrainConfig.from_dict(
         {
-            "model": {"preprocess": {"image_size": 16, "max_text_length": 8}},
+            "model": {
+                "preprocess": {"image_size": 16, "max_text_length": 8},
+                "shape": {"size": 8},
+            },
             "data": {"augment": False, "doc_as_query_rate": 0.0},
         }
     )

@@ -33,6 +33,21 @@ def test_a_mark_in_any_ink_has_the_shape_code_of_the_black_mark():
     assert torch.dot(black, elsewhere).item() < 0.9  # where the ink is does
 
 
+def test_ink_levels_read_a_colour_drawing_as_its_black_outline():
+    pre = PreprocessConfig(image_size=32)
+    outline = _square((255, 255, 255))
+    outline[8:20, 10] = outline[8:20, 25] = outline[8, 10:26] = outline[19, 10:26] = 0
+    filled = outline.copy()
+    filled[9:19, 11:25] = (255, 200, 40)  # a yellow fill inside the black outline
+    images = normalize(np.stack([outline, filled]), pre)
+    ink = ShapeCode(ShapeConfig(size=8, levels="ink"), pre)(images)
+    grey = ShapeCode(ShapeConfig(size=8, levels="grey"), pre)(images)
+    assert torch.allclose(ink[0], ink[1], atol=1e-5)  # the fill reads as paper
+    assert torch.dot(grey[0], grey[1]).item() < 0.999  # the fill's luma counts
+    red = normalize(_square((200, 30, 30))[None], pre)  # a coloured mark is still ink
+    assert ShapeCode(ShapeConfig(size=8, levels="ink"), pre)(red).abs().sum() > 0
+
+
 def test_the_encoders_return_the_learned_part_and_the_weighted_shape_code():
     cfg = ModelConfig(
         shape=ShapeConfig(size=4, weight=2.0), preprocess=PreprocessConfig(image_size=32)
@@ -52,7 +67,7 @@ def test_the_encoders_return_the_learned_part_and_the_weighted_shape_code():
 
 
 def test_without_a_shape_code_the_embedding_is_the_learned_one():
-    assert ModelConfig().output_dim == 128 + 255  # the CPU default: 16 x 16 frequencies
+    assert ModelConfig().output_dim == 128 + 575  # the CPU default: 24 x 24 frequencies
     assert ModelConfig(shape=ShapeConfig(size=0)).output_dim == 128
     assert ModelConfig(shape=ShapeConfig(size=8, weight=0.0)).output_dim == 128
     assert RetrievalModel(ModelConfig(shape=ShapeConfig(size=0))).shape is None
@@ -63,5 +78,7 @@ def test_shape_config_errors_name_the_field():
         ShapeConfig(size=1)
     with pytest.raises(ValueError, match="model.shape.weight must be >= 0"):
         ShapeConfig(size=8, weight=-1)
+    with pytest.raises(ValueError, match=r"model.shape.levels must be one of \('grey', 'ink'\)"):
+        ShapeConfig(levels="luma")
     with pytest.raises(ValueError, match="model.shape.size 80 exceeds"):
         ModelConfig(shape=ShapeConfig(size=80))

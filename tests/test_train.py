@@ -202,7 +202,7 @@ def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, t
     query = load_query_encoder(second.model_dir)
     assert query.model_version != version
     emb = query.encode_query(images=[_first_image(data).read_bytes()])
-    assert emb.shape == (1, 32 + 255)  # the learned part and the default shape code
+    assert emb.shape == (1, 32 + 575)  # the learned part and the default shape code
 
 
 @pytest.mark.ray
