@@ -116,7 +116,7 @@ def evaluate(model_dir: str, catalog: dict, queries: dict, shape_size: int, weig
     own = query.model.config.shape
     size, weight = (own.size, own.weight) if own.dim else (shape_size, 0.0)
     query.model.shape = doc.model.shape = None  # the learned part alone
-    code = ShapeCode(ShapeConfig(size=size), doc.preprocess)
+    code = ShapeCode(ShapeConfig(size=size, levels=own.levels), doc.preprocess)
     images, texts = catalog["image"], catalog["text"]
     fused, gates, sd = [], [], []
     with torch.no_grad():

