@@ -3,11 +3,10 @@
 A catalog's documents can be embedded fused with their text or from their image alone, and the
 shape code (``model.ShapeCode``) of grey or of ink levels kept beside the learned embedding at
 some weight or left out; which is better depends on the catalog (its text, its queries'
-renderings). ``validation_split`` holds a share
-of the training queries out of training (by class, or by photo); after training,
-``choose_views`` scores each setting on them and ``export.revise`` records the best in the
-export. No evaluation query takes part. ``validation_recall`` is governance's probe figure on
-the same split.
+renderings). ``validation_split`` holds a share of the training queries out of training (by
+class, or by photo); after training, ``choose_views`` scores each setting on them and
+``export.revise`` records the best in the export. No evaluation query takes part.
+``validation_recall`` is governance's probe figure on the same split.
 """
 
 from __future__ import annotations
@@ -119,13 +118,12 @@ SHAPE_WEIGHTS = (1.0, 2.0, 4.0)
 
 
 def choose_views(model_dir: str, split: Split, weight: float) -> dict:
-    """The document view (fused or image-only) and shape code (on grey or on ink levels, at
-    the config's ``weight`` or one of ``SHAPE_WEIGHTS``, or left out) whose validation R@1 is
-    highest: the held-out photos search
-    the whole catalog exactly, relevance by the trained class map. A tie keeps the export's
-    settings (fused documents, its weight and levels). Every input is embedded once, the
-    learned part and the shape codes apart, joined per setting
-    (``model.RetrievalModel._with_shape``)."""
+    """The document view (fused or image-only) and shape code (on grey or on ink levels, at the
+    config's ``weight`` or one of ``SHAPE_WEIGHTS``, or left out) whose validation R@1 is
+    highest: the held-out photos search the whole catalog exactly, relevance by the trained
+    class map. A tie keeps the export's settings (fused documents, its weight and levels).
+    Every input is embedded once, the learned part and the shape codes apart, joined per
+    setting (``model.RetrievalModel._with_shape``)."""
     from oclear_ray.classmap import load_class_map
     from oclear_ray.evaluate import exact_search
 
