@@ -26,7 +26,7 @@ from oclear_ray.evaluate import embed_in_process, exact_search
 from oclear_ray.export import load_doc_encoder, load_query_encoder
 from oclear_ray.model import ShapeCode
 from oclear_ray.pipeline import PipelineConfig
-from oclear_ray.views import held_out
+from oclear_ray.views import held_out, joined, shape_codes
 
 
 def parse_args():
@@ -38,17 +38,6 @@ def parse_args():
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 24, 32])
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     return p.parse_args()
-
-
-def _codes(code: ShapeCode, encoder, images) -> np.ndarray:
-    with torch.inference_mode():
-        rows = [code(encoder.images(images[i : i + 256])) for i in range(0, len(images), 256)]
-    return torch.cat(rows).numpy()
-
-
-def _joined(learned: np.ndarray, code: np.ndarray | None, weight: float) -> np.ndarray:
-    out = learned if code is None else np.hstack([learned, weight * code])
-    return np.ascontiguousarray(out / np.linalg.norm(out, axis=1, keepdims=True), np.float32)
 
 
 def main(args):
@@ -78,19 +67,19 @@ def main(args):
 
     print(f"R@1 validation ({len(sets['val']['label'])} queries) / eval ({len(eval_q['label'])})")
     for view, xb in docs.items():
-        figures = [r1(_joined(learned[n], None, 0), _joined(xb, None, 0), n) for n in sets]
+        figures = [r1(joined(learned[n], None, 0), joined(xb, None, 0), n) for n in sets]
         print(f"{view:<10} learned part alone       {figures[0]:.3f} / {figures[1]:.3f}")
     for levels in SHAPE_LEVELS:
         for size in args.sizes:
             shape = dataclasses.replace(config.shape, size=size, levels=levels)
             code = ShapeCode(shape, config.preprocess)
-            cd = _codes(code, doc, catalog["image"])
-            cq = {n: _codes(code, query, s["image"]) for n, s in sets.items()}
-            alone = [r1(_joined(cq[n], None, 0), _joined(cd, None, 0), n) for n in sets]
+            cd = shape_codes(code, doc, catalog["image"])
+            cq = {n: shape_codes(code, query, s["image"]) for n, s in sets.items()}
+            alone = [r1(joined(cq[n], None, 0), joined(cd, None, 0), n) for n in sets]
             print(f"{levels} {size:>2}    shape code alone         {alone[0]:.3f} / {alone[1]:.3f}")
             for view, xb in docs.items():
                 for w in args.weights:
-                    got = [r1(_joined(learned[n], cq[n], w), _joined(xb, cd, w), n) for n in sets]
+                    got = [r1(joined(learned[n], cq[n], w), joined(xb, cd, w), n) for n in sets]
                     print(f"  {view:<10} + code at weight {w:g}    {got[0]:.3f} / {got[1]:.3f}")
 
 

@@ -156,7 +156,7 @@ class ShapeConfig:
     channel: black ink counts, coloured fills read as paper, so a colour drawing and its line
     art share a code). Size 24 was chosen on the training queries of both development sets
     (pixel k-NN there: 16 / 24 / 32 give 0.779 / 0.797 / 0.800 on openmoji-dev, 0.453 / 0.457 /
-    0.459 on logos-dev), weight 2 on class-split validation queries (``bench/recipe.py
+    0.459 on logos-dev), weight 2 on class-split validation queries at size 16 (``bench/recipe.py
     --shape-weights``); a pipeline chooses the levels and the weight (or no code) on its own
     validation split (``views.choose_views``); pretrained photo backbones turn it off
     (``configs/gpu.yaml``)."""

@@ -47,7 +47,8 @@ def exact_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Top-``k`` inner products of ``xq`` against ``xb``: ``(D, I)``, equal scores in catalog
     order. FAISS orders ties by how its heap met them, which changes with ``k``: on a catalog
     with duplicate images (openmoji-dev: 410 documents, 7 % of its queries tied at the top) R@1
-    moved by 1.5 points between k 1 and k 10; here it does not."""
+    moved by 1.5 points between k 1 and k 10; here it does not (for up to ``TIE_MARGIN`` tied
+    documents past the k-th)."""
     import faiss
 
     xq, xb = (np.ascontiguousarray(x, dtype=np.float32) for x in (xq, xb))

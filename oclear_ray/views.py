@@ -136,7 +136,7 @@ def choose_views(model_dir: str, split: Split, weight: float) -> dict:
     for view in ("fused", "image_only"):
         for w, levels in [*((w, lv) for lv in codes for w in weights), (0.0, None)]:
             code_q, code_d = codes.get(levels, (None, None))
-            xq, xb = _joined(parts["query"], code_q, w), _joined(parts[view], code_d, w)
+            xq, xb = joined(parts["query"], code_q, w), joined(parts[view], code_d, w)
             _, I = exact_search(xq, xb, 1)
             key = setting_key(view, w, levels)
             settings[key] = (view, w, levels)
@@ -158,7 +158,7 @@ def setting_key(view: str, weight: float, levels: str | None) -> str:
     return f"{view}@{weight:g}" + (f":{levels}" if weight else "")
 
 
-def _joined(learned, code, weight: float):
+def joined(learned, code, weight: float):
     """The learned part with the shape code beside it at ``weight``, unit rows."""
     import numpy as np
 
@@ -174,8 +174,6 @@ def _learned_and_shape(model_dir: str, docs, queries) -> dict:
     ``SHAPE_LEVELS`` (``{levels: (photos, documents)}``, empty without a code)."""
     import dataclasses
 
-    import torch
-
     from oclear_ray.config import SHAPE_LEVELS
     from oclear_ray.evaluate import embed_in_process
     from oclear_ray.export import load_doc_encoder, load_query_encoder
@@ -188,19 +186,24 @@ def _learned_and_shape(model_dir: str, docs, queries) -> dict:
     images, texts = docs.column("image").to_pylist(), docs.column("text").to_pylist()
     photos = queries.column("image").to_pylist()
 
-    def codes(code, encoder, items):
-        with torch.inference_mode():
-            rows = [code(encoder.images(items[i : i + 256])) for i in range(0, len(items), 256)]
-        return torch.cat(rows).numpy()
-
     shape = {}
     own = config.shape.levels
     for levels in sorted(SHAPE_LEVELS, key=lambda lv: lv != own) if has_code else ():
         code = ShapeCode(dataclasses.replace(config.shape, levels=levels), config.preprocess)
-        shape[levels] = (codes(code, query, photos), codes(code, doc, images))
+        shape[levels] = (shape_codes(code, query, photos), shape_codes(code, doc, images))
     return {
         "query": embed_in_process(query, photos, doc=False),
         "fused": embed_in_process(doc, images, [t or "" for t in texts], doc=True),
         "image_only": embed_in_process(doc, images, None, doc=True),
         "shape": shape,
     }
+
+
+def shape_codes(code, encoder, images: list):
+    """``code`` (a ``model.ShapeCode``) of ``images`` preprocessed as ``encoder`` does: an
+    array, a row an image."""
+    import torch
+
+    with torch.inference_mode():
+        rows = [code(encoder.images(images[i : i + 256])) for i in range(0, len(images), 256)]
+    return torch.cat(rows).numpy()
