@@ -49,7 +49,7 @@ class ImageEncoderConfig:
     loaded by timm (its classifier is dropped).
     """
 
-    name: str = "convnext_atto"
+    name: str = "resnet10t"
     pretrained: bool | str = False
     pretrained_path: str | None = None
     model_kwargs: dict = field(default_factory=dict)
@@ -289,9 +289,11 @@ class DataConfig:
     #: also train the query tower on views of document images (for classes that have documents
     #: but no query): ``doc_query_view`` "photo" (a user's photo of the item), "outline" (its ink,
     #: coloured fills as paper: a line drawing) or "render" (as another source may draw it:
-    #: moved and scaled, then re-inked, knocked out of a tile, grey, line art or edges)
-    doc_as_query_rate: float = 0.0
-    doc_query_view: str = "photo"
+    #: moved and scaled, then re-inked, knocked out of a tile, grey, line art or edges). The CPU
+    #: default, half the documents as outlines, was chosen with resnet10t on class-split
+    #: validation queries (bench/README.md, session 13)
+    doc_as_query_rate: float = 0.5
+    doc_query_view: str = "outline"
     #: at most this many Ray Data tasks drawing views at once (0: one per training worker).
     #: Each is a process that imports torch: on a few cores, more of them start up slower than
     #: they work (2-core demo: 6 at once held the first batch 38 s and the steps at 290

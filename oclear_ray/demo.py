@@ -24,17 +24,18 @@ HELD_OUT_DIR = "eval-held-out"
 
 #: the demo's training recipe over the CPU default (``--set`` pairs): a ResNet at 32 px, which
 #: learns user photos in a few CPU minutes (3.3x the samples/s of 64 px), photo-like views of
-#: the documents for the query tower (``data.doc_as_query_rate``) and fresh photo-like views of
-#: the training photos every pass (``data.augment``). Chosen with ``bench/recipe.py --split
-#: photo`` on held-out training photos of the demo's catalog (bench/README.md: at 300 steps R@1
-#: 0.83, against 0.71 for the same ResNet at 64 px and 0.21 for the CPU default at 64 px on the
-#: old 100-product catalog; at 500 steps, as many samples as the demo now trains, the views of
-#: the photos 0.904 against 0.865 without); the shape code's weight is then chosen by the
-#: pipeline (``views``)
+#: the documents for the query tower (``data.doc_as_query_rate``, ``doc_query_view``) and fresh
+#: photo-like views of the training photos every pass (``data.augment``). Chosen with
+#: ``bench/recipe.py --split photo`` on held-out training photos of the demo's catalog
+#: (bench/README.md: at 300 steps R@1 0.83, against 0.71 for the same ResNet at 64 px and 0.21
+#: for convnext_atto at 64 px on the old 100-product catalog; at 500 steps, as many samples as
+#: the demo now trains, the views of the photos 0.904 against 0.865 without); the shape code's
+#: weight is then chosen by the pipeline (``views``)
 RECIPE = (
     "model.image.name=resnet10t",
     "model.preprocess.image_size=32",
     "data.doc_as_query_rate=0.5",
+    "data.doc_query_view=photo",
     "data.augment=true",
 )
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.local_ray import TEST_RAY_ENV
+
 
 def png_bytes(color=(200, 30, 30), size=(16, 16), mode="RGB") -> bytes:
     buf = io.BytesIO()
@@ -59,13 +61,16 @@ def ray_cluster(tmp_path_factory, s3_server):
     """One local Ray for every end-to-end test (4 logical CPUs so trainers leave room for Data),
     started with the S3 server's variables in its environment. Its processes export their
     metrics every second (Ray's default is 10 s), so that a test reading them from Ray's
-    Prometheus endpoint waits seconds, not tens of seconds."""
+    Prometheus endpoint waits seconds, not tens of seconds; Ray Train polls its workers every
+    0.25 s (``TEST_RAY_ENV``)."""
     import ray
 
     from oclear_ray.runtime import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_INTERVAL_MS))
+    for key, value in TEST_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     for attempt in (1, 2):
         # Ray gives its raylet a fixed 30 s to register; on a saturated machine that can run
         # out: what the failed start left running is stopped and the start tried again.

@@ -146,7 +146,8 @@ def test_shard_units_are_submodules_in_forward_order(model):
     assert all(any(u is m for m in modules) for u in units)
     assert units[-1] is model.fusion
     assert units[-3:-1] == model.text_encoder.blocks() and len(model.text_encoder.blocks()) == 2
-    assert model.image_encoder.blocks() == list(model.image_encoder.net.stages)  # convnext_atto
+    net = model.image_encoder.net  # resnet10t, the default
+    assert model.image_encoder.blocks() == [net.layer1, net.layer2, net.layer3, net.layer4]
 
 
 def test_spatial_tokens_for_cnn_and_vit():
