@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 
@@ -38,3 +39,25 @@ def gloo_rank(rank: int, world: int, port: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def train_worker_pids() -> list[int]:
+    """Processes Ray titles ``ray::RayTrainWorker...`` that this driver's Ray started: children
+    of its raylet (Linux /proc), never those of another Ray on the same machine."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path().encode()
+    raylets, workers = set(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmdline.startswith(b"ray::RayTrainWorker"):
+            workers.append((int(pid), parent))
+        elif b"/raylet/raylet" in cmdline and session in cmdline:
+            raylets.add(int(pid))
+    return [pid for pid, parent in workers if parent in raylets]

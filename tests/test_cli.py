@@ -113,7 +113,7 @@ def test_synth_draws_the_queries_it_is_asked_for(tmp_path):
 
 TINY = {
     "model": TINY_MODEL,
-    "data": {"batch_size": 8, "query_batch_size": 4},
+    "data": {"batch_size": 8, "query_batch_size": 4, "doc_as_query_rate": 0.0},
     "schedule": [{"name": "fuse", "steps": 2}],
     "run": {"workers": 1, "checkpoint_every": 100, "log_every": 1},
 }

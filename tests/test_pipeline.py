@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 #: a tiny pipeline config (tests/test_s3.py runs its pipeline on it)
 TINY = {
     "model": TINY_MODEL,
-    "data": {"batch_size": 8, "query_batch_size": 4},
+    "data": {"batch_size": 8, "query_batch_size": 4, "doc_as_query_rate": 0.0},
     "schedule": [{"name": "align", "steps": 2, "towers": "image"}, {"name": "fuse", "steps": 2}],
     "run": {"workers": 1, "checkpoint_every": 100},
 }

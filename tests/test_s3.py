@@ -26,8 +26,8 @@ from oclear_ray.export import load_query_encoder
 from oclear_ray.pipeline import read_stamp
 from oclear_ray.serve import Paths, check_versions
 from oclear_ray.synth import SynthConfig, generate
+from tests.helpers import train_worker_pids
 from tests.test_pipeline import TINY, stage_statuses
-from tests.test_train import _train_worker_pids
 from tests.tiny import export_random_model
 
 IMAGE_PATH_ROWS = 30  # catalog rows whose image is an s3:// object rather than bytes
@@ -111,7 +111,7 @@ def _kill_a_worker_after_an_s3_checkpoint(runs: str, stop: threading.Event, kill
             )
         except (OSError, ValueError):
             done = False
-        pids = _train_worker_pids() if done else []
+        pids = train_worker_pids() if done else []
         if pids:
             os.kill(pids[0], 9)
             killed.append(pids[0])

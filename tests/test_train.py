@@ -1,12 +1,7 @@
 """The train stage: the step's inputs and loss (no Ray), then end to end on a local Ray: FSDP2 +
-sharded head on 2 workers, a worker killed mid-run and recovered from its checkpoint, then a
-resume of that run with 1 worker."""
+sharded head on 2 workers, then a resume of that run with 1 worker; a time budget filled."""
 
 import dataclasses
-import json
-import os
-import signal
-import threading
 import time
 
 import numpy as np
@@ -111,7 +106,7 @@ def small_config(*, workers: int, fuse_steps: int) -> TrainConfig:
     return TrainConfig.from_dict(
         {
             "model": TINY_MODEL,
-            "data": {"batch_size": 8, "query_batch_size": 4},
+            "data": {"batch_size": 8, "query_batch_size": 4, "doc_as_query_rate": 0.0},
             "schedule": [
                 {"name": "align", "steps": 4, "towers": "image"},
                 {"name": "fuse", "steps": fuse_steps},
@@ -119,45 +114,6 @@ def small_config(*, workers: int, fuse_steps: int) -> TrainConfig:
             "run": {"workers": workers, "checkpoint_every": 4, "log_every": 4, "max_failures": 2},
         }
     )
-
-
-def _train_worker_pids() -> list[int]:
-    """Processes Ray titles ``ray::RayTrainWorker...`` that this driver's Ray started: children
-    of its raylet (Linux /proc), never those of another Ray on the same machine."""
-    import ray
-
-    session = ray._private.worker._global_node.get_session_dir_path().encode()
-    raylets, workers = set(), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if cmdline.startswith(b"ray::RayTrainWorker"):
-            workers.append((int(pid), parent))
-        elif b"/raylet/raylet" in cmdline and session in cmdline:
-            raylets.add(int(pid))
-    return [pid for pid, parent in workers if parent in raylets]
-
-
-def _kill_a_worker_after_a_checkpoint(run_dir, stop: threading.Event, killed: list):
-    """Wait until Ray Train has registered a checkpoint, then SIGKILL one worker process."""
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-    while not stop.is_set():
-        try:
-            with open(snapshot) as f:
-                done = json.load(f).get("latest_checkpoint_result") is not None
-        except (OSError, ValueError):
-            done = False
-        pids = _train_worker_pids() if done else []
-        if pids:
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
-            return
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -171,29 +127,20 @@ def inputs(tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_kill_recover_and_resume_with_fewer_workers(ray_cluster, inputs, tmp_path):
+def test_train_resumes_a_two_worker_checkpoint_with_one_worker(ray_cluster, inputs, tmp_path):
+    """A 2-worker run (FSDP2 + sharded head), then the same run resumed with 1 worker and more
+    steps: the sharded checkpoint loads whole. (A worker killed mid-run and recovered from its
+    checkpoint: tests/test_s3.py.)"""
     data, cache = inputs
     workdir = str(tmp_path / "work")
-    run_dir = os.path.join(workdir, "train", "runs", "train")
 
     def train(workers: int, fuse_steps: int):
         catalog, queries = str(data / "catalog.parquet"), str(data / "queries.parquet")
         cfg = small_config(workers=workers, fuse_steps=fuse_steps)
         return fit(cfg, catalog=catalog, queries=queries, workdir=workdir, cache=cache)
 
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(
-        target=_kill_a_worker_after_a_checkpoint, args=(run_dir, stop, killed)
-    )
-    killer.start()
-    try:
-        first = train(workers=2, fuse_steps=16)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, "no worker was killed: the run ended before its first checkpoint"
-    assert first.metrics["step"] == 20
-    assert first.metrics["resumed_from"] >= 4  # the restarted group continued from a checkpoint
+    first = train(workers=2, fuse_steps=16)
+    assert (first.metrics["step"], first.metrics["resumed_from"]) == (20, 0)
     assert first.num_classes == 24 + 0  # synth labels: classes + aliases - broad pairs
     doc = load_doc_encoder(first.model_dir)
     version = doc.model_version
