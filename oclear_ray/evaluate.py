@@ -806,7 +806,13 @@ def _view_line(report: dict) -> str:
     figures = ", ".join(f"{k} {v:.3f}" for k, v in choice["recall@1"].items())
     weight, levels = choice["shape_weight"], choice.get("shape_levels")
     code = f"shape weight {weight:g}" + (f" on {levels} levels" if levels else "")
-    return f"{report['doc_view']}, {code} (validation R@1 {figures})"
+    gain = choice.get("fused_gain")
+    versus = (
+        f"; fused documents {gain['recall@1']:+.3f} ± {gain['se']:.3f} over image-only"
+        if gain
+        else ""
+    )
+    return f"{report['doc_view']}, {code} (validation R@1 {figures}{versus})"
 
 
 def _basis(report: dict) -> str:

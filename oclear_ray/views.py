@@ -119,11 +119,10 @@ SHAPE_WEIGHTS = (1.0, 2.0, 4.0)
 
 def choose_views(model_dir: str, split: Split, weight: float) -> dict:
     """The document view (fused or image-only) and shape code (on grey or on ink levels, at the
-    config's ``weight`` or one of ``SHAPE_WEIGHTS``, or left out) whose validation R@1 is
-    highest: the held-out photos search the whole catalog exactly, relevance by the trained
-    class map. A tie keeps the export's settings (fused documents, its weight and levels).
-    Every input is embedded once, the learned part and the shape codes apart, joined per
-    setting (``model.RetrievalModel._with_shape``)."""
+    config's ``weight`` or one of ``SHAPE_WEIGHTS``, or left out) chosen on validation R@1
+    (``pick_setting``): the held-out photos search the whole catalog exactly, relevance by the
+    trained class map. Every input is embedded once, the learned part and the shape codes
+    apart, joined per setting (``model.RetrievalModel._with_shape``)."""
     from oclear_ray.classmap import load_class_map
     from oclear_ray.evaluate import exact_search
 
@@ -132,7 +131,7 @@ def choose_views(model_dir: str, split: Split, weight: float) -> dict:
     codes = parts["shape"] if weight else {}  # the export's own levels first
     weights = [weight, *(w for w in SHAPE_WEIGHTS if w != weight)] if codes else []
     doc_class, want = _classes(split.docs, split.val, class_map)
-    settings, recall = {}, {}
+    settings, hits = {}, {}
     for view in ("fused", "image_only"):
         for w, levels in [*((w, lv) for lv in codes for w in weights), (0.0, None)]:
             code_q, code_d = codes.get(levels, (None, None))
@@ -140,17 +139,45 @@ def choose_views(model_dir: str, split: Split, weight: float) -> dict:
             _, I = exact_search(xq, xb, 1)
             key = setting_key(view, w, levels)
             settings[key] = (view, w, levels)
-            recall[key] = float((doc_class[I[:, 0]] == want).mean())
-    own = next(iter(settings))
-    view, w, levels = settings[max(recall, key=lambda k: (recall[k], k == own))]
+            hits[key] = doc_class[I[:, 0]] == want
+    chosen, fused_gain = pick_setting(hits, want)
+    view, w, levels = settings[chosen]
     return {
         "doc_view": view,
         "shape_weight": float(w),
         "shape_levels": levels,
-        "recall@1": recall,
+        "recall@1": {k: float(v.mean()) for k, v in hits.items()},
+        "fused_gain": fused_gain,
         "queries": int(len(want)),
         "held_out_by": split.by,
     }
+
+
+def pick_setting(hits: dict, classes) -> tuple[str, dict]:
+    """The setting (a ``setting_key``) to embed with, from each setting's hits (a bool per
+    validation query) and the queries' classes; ``hits`` lists fused settings first, the
+    export's own first of all. The best R@1 wins (a tie keeps the earlier); fused documents only
+    when they beat the best image-only setting by more than one standard error of the
+    difference, clustered by class (one standard error rule: text the queries lack must earn
+    its place). A class's queries rise and fall together (on openmoji-dev the 26 skin-tone
+    pairs of one couple share one line drawing), so the error is that of the per-class sums,
+    not of independent queries. Also returns that comparison: ``{"recall@1", "se"}``."""
+    import numpy as np
+
+    recall = {k: float(v.mean()) for k, v in hits.items()}
+    best = max(recall, key=lambda k: (recall[k], -list(recall).index(k)))
+    image = [k for k in recall if k.startswith("image_only@")]
+    alone = max(image, key=lambda k: (recall[k], -image.index(k)))
+    fused = max((k for k in recall if k not in image), key=lambda k: (recall[k], k == best))
+    diff = hits[fused].astype(float) - hits[alone].astype(float)
+    classes = np.asarray(classes)
+    sums = np.array([diff[classes == c].sum() for c in np.unique(classes)])
+    n, m = len(diff), len(sums)
+    se = float(np.sqrt(m / (m - 1) * ((sums - sums.mean()) ** 2).sum()) / n) if m > 1 else 0.0
+    gain = {"recall@1": recall[fused] - recall[alone], "se": se}
+    if best == fused and gain["recall@1"] <= se:
+        best = alone
+    return best, gain
 
 
 def setting_key(view: str, weight: float, levels: str | None) -> str:

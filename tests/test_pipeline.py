@@ -104,7 +104,8 @@ def test_demo_evaluates_new_photos_beside_held_out_classes_and_tracks_its_runs(d
     if views["shape_weight"]:
         assert manifest["model"]["shape"]["levels"] == views["shape_levels"]
     chosen = setting_key(views["doc_view"], views["shape_weight"], views["shape_levels"])
-    assert max(views["recall@1"].values()) == views["recall@1"][chosen]
+    best = max(v for k, v in views["recall@1"].items() if k.startswith(views["doc_view"]))
+    assert views["recall@1"][chosen] == best
 
     truth, shown = read_json(data, "truth.json"), read_json(data, "new_photos.json")
     trained = pq.read_table(os.path.join(data, "queries.parquet")).column("query_id")
