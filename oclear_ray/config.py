@@ -20,6 +20,9 @@ from oclear_ray.preprocess import PreprocessConfig
 MARGINS = ("cosface", "arcface")
 DEFAULT_M = {"cosface": 0.2, "arcface": 0.5}  # the CPU recipe's CosFace m; ArcFace's paper value
 DOC_QUERY_VIEWS = ("photo", "outline", "render")
+#: the level maps of an image the shape code (``ShapeConfig.levels``) and the backbone
+#: (``ImageEncoderConfig.levels``) can read
+SHAPE_LEVELS = ("grey", "ink")
 
 
 #: timm's prefixes for backbones named by where their weights are, not by architecture
@@ -53,8 +56,19 @@ class ImageEncoderConfig:
     pretrained: bool | str = False
     pretrained_path: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    #: what the backbone sees (``model.LevelView``): the colour image ("rgb") or one level map
+    #: on its three channels, "grey" (luma) or "ink" (the brightest channel), as the shape code
+    #: reads them. Grey was chosen for the CPU default on class-split validation queries of
+    #: both development sets (bench/README.md: the learned part alone at 300 steps, R@1 on
+    #: openmoji-dev 0.646 rgb / 0.755 grey / 0.820 ink, on logos-dev 0.089 / 0.253 / 0.120);
+    #: pretrained photo backbones and catalogs told apart by colour keep "rgb"
+    levels: str = "grey"
 
     def __post_init__(self) -> None:
+        if self.levels not in ("rgb", *SHAPE_LEVELS):
+            raise ValueError(
+                f"model.image.levels must be one of {('rgb', *SHAPE_LEVELS)}, got {self.levels!r}"
+            )
         if not isinstance(self.pretrained, bool | str) or self.pretrained == "":
             raise ValueError(
                 "image.pretrained must be true, false or a timm model name / hf-hub: / "
@@ -140,10 +154,6 @@ def _check_attention(section, width: str) -> None:
         )
     if not 0.0 <= section.dropout < 1.0:
         raise ValueError(f"{where}.dropout must be in [0, 1), got {section.dropout}")
-
-
-#: what the shape code reads of an image (``ShapeConfig.levels``)
-SHAPE_LEVELS = ("grey", "ink")
 
 
 @section

@@ -321,17 +321,42 @@ class ShapeCode(nn.Module):
         std, mean = torch.tensor(preprocess.std), torch.tensor(preprocess.mean)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised images -> [B, k*k - 1] unit vectors."""
-        pixels = images.float() * self.std + self.mean
-        if self.levels == "ink":  # dark in every channel: 1 - the brightest channel
-            levels = 1.0 - pixels.amax(1)
-        else:  # ITU-R 601 luma
-            levels = torch.einsum("bchw,c->bhw", pixels, self.luma)
+        levels = level_map(images.float() * self.std + self.mean, self.levels)
         coeffs = self.basis @ levels @ self.basis.T
         return F.normalize(coeffs.flatten(1)[:, 1:], dim=-1)
+
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
+
+
+def level_map(pixels: torch.Tensor, levels: str) -> torch.Tensor:
+    """[B, 3, H, W] pixels in [0, 1] -> [B, H, W] grey levels ("grey": luma) or the level of
+    the brightest channel ("ink": black ink stays, coloured fills read as paper)."""
+    if levels == "ink":
+        return pixels.amax(1)
+    return torch.einsum("bchw,c->bhw", pixels, pixels.new_tensor(_LUMA))
+
+
+class LevelView(nn.Module):
+    """What the backbone sees of normalised images (``ImageEncoderConfig.levels``): one level
+    map on all three channels, normalised again; a colour image stays as it is. Queries and
+    documents pass through it alike, so line art and the colour drawing it outlines meet."""
+
+    def __init__(self, levels: str, preprocess: PreprocessConfig):
+        super().__init__()
+        self.levels = levels
+        std, mean = torch.tensor(preprocess.std), torch.tensor(preprocess.mean)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.levels == "rgb":
+            return images
+        pixels = images * self.std + self.mean
+        return (level_map(pixels, self.levels).unsqueeze(1) - self.mean) / self.std
 
 
 def _head(in_dim: int, out_dim: int) -> nn.Module:
@@ -367,6 +392,7 @@ class RetrievalModel(nn.Module):
         self.query_text_head = _head(text_dim, dim) if "query" in parts else None
         shape = self.config.shape
         self.shape = ShapeCode(shape, self.config.preprocess) if shape.dim else None
+        self.view = LevelView(config.image.levels, self.config.preprocess)
 
     def encode_pair(
         self,
@@ -384,7 +410,7 @@ class RetrievalModel(nn.Module):
         pass, read by the fusion and the text query head alike; then each side's head.
         """
         n = doc_images.shape[0]
-        image = self.image_encoder(torch.cat([doc_images, query_images]))
+        image = self.image_encoder(self.view(torch.cat([doc_images, query_images])))
         docs = ImageStates(image.pooled[:n], image.tokens[:n])
         doc = F.normalize(self.doc_image_head(docs.pooled), dim=-1)
         fused = text_query = None
@@ -460,7 +486,7 @@ class RetrievalModel(nn.Module):
         attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image embedding through ``head``, fused with the text when given: (emb, gate)."""
-        image = self.image_encoder(images)
+        image = self.image_encoder(self.view(images))
         emb = F.normalize(head(image.pooled), dim=-1)
         if input_ids is None:
             return emb, torch.ones_like(emb[:, 0])

@@ -78,6 +78,7 @@ def test_a_budget_without_steps_is_the_schedule():
         ({"schedule": []}, "schedule needs at least one stage"),
         ({"run": {"wrokers": 2}}, r"unknown key\(s\) \['wrokers'\] in run \(known: workers,"),
         ({"model": {"image": {"nmae": "x"}}}, r"unknown key\(s\) \['nmae'\] in model.image"),
+        ({"model": {"image": {"levels": "cmyk"}}}, "model.image.levels must be one of"),
         ({"optim": {"lr": "fast"}}, "optim.lr must be float, got 'fast'"),
         ({"run": {"workers": True}}, "run.workers must be int, got True"),
         ({"run": {"workers": 2.5}}, "run.workers must be int, got 2.5"),

@@ -12,7 +12,7 @@ from oclear_ray.config import (
     ShapeConfig,
     TextEncoderConfig,
 )
-from oclear_ray.model import ImageEncoder, RetrievalModel, TextEncoder
+from oclear_ray.model import ImageEncoder, LevelView, RetrievalModel, TextEncoder
 from oclear_ray.preprocess import PreprocessConfig
 
 B, T, VOCAB = 3, 12, 100
@@ -250,3 +250,36 @@ def test_encode_pair_matches_the_encode_methods(model, batch):
     image_only = model.encode_pair(images, images, None, None)
     assert image_only.fused is None and image_only.text is None
     torch.testing.assert_close(query, model.encode_query(images.flip(0)), atol=1e-6, rtol=0)
+
+
+def test_the_level_view_shows_a_colour_drawing_as_its_line_art():
+    """On ink levels a black outline filled with colour and the bare outline look the same to
+    the backbone (its three channels alike); on grey levels the fill shows; rgb is as is."""
+    pre = PreprocessConfig(image_size=8)
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    line_art = torch.ones(1, 3, 8, 8)
+    line_art[..., 2:6, 2:6] = 0  # a black square's outline
+    line_art[..., 3:5, 3:5] = 1
+    drawing = line_art.clone()
+    drawing[:, :, 3:5, 3:5] = torch.tensor([1.0, 0.2, 0.1]).view(1, 3, 1, 1)  # a red fill
+    line_art, drawing = (line_art - mean) / std, (drawing - mean) / std
+    ink = LevelView("ink", pre)
+    torch.testing.assert_close(ink(drawing), ink(line_art))
+    torch.testing.assert_close(ink(line_art), line_art)  # black on white: already its own ink
+    grey = LevelView("grey", pre)(drawing) * std + mean
+    torch.testing.assert_close(grey[:, 0], grey[:, 2])
+    assert 0.3 < grey[0, 0, 3, 3] < 0.5  # luma of the fill
+    assert LevelView("rgb", pre)(drawing) is drawing
+
+
+def test_the_backbone_sees_the_configured_levels():
+    torch.manual_seed(0)
+    model = RetrievalModel(small_config(levels="ink")).eval()
+    images = torch.randn(2, 3, 32, 32)
+    pre = model.config.preprocess
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    pixels = (images * std + mean).amax(1, keepdim=True).expand(-1, 3, -1, -1)  # its ink, grey
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_query(images), model.encode_query((pixels - mean) / std)
+        )
