@@ -164,14 +164,12 @@ def pick_setting(hits: dict, classes) -> tuple[str, dict]:
     not of independent queries. Also returns that comparison: ``{"recall@1", "se"}``."""
     import numpy as np
 
-    recall = {k: float(v.mean()) for k, v in hits.items()}
-    best = max(recall, key=lambda k: (recall[k], -list(recall).index(k)))
-    image = [k for k in recall if k.startswith("image_only@")]
-    alone = max(image, key=lambda k: (recall[k], -image.index(k)))
-    fused = max((k for k in recall if k not in image), key=lambda k: (recall[k], k == best))
+    recall = {k: float(v.mean()) for k, v in hits.items()}  # max() keeps the first of equals
+    best = max(recall, key=recall.get)
+    alone = max((k for k in recall if k.startswith("image_only@")), key=recall.get)
+    fused = max((k for k in recall if not k.startswith("image_only@")), key=recall.get)
     diff = hits[fused].astype(float) - hits[alone].astype(float)
-    classes = np.asarray(classes)
-    sums = np.array([diff[classes == c].sum() for c in np.unique(classes)])
+    sums = np.bincount(np.unique(np.asarray(classes), return_inverse=True)[1], weights=diff)
     n, m = len(diff), len(sums)
     se = float(np.sqrt(m / (m - 1) * ((sums - sums.mean()) ** 2).sum()) / n) if m > 1 else 0.0
     gain = {"recall@1": recall[fused] - recall[alone], "se": se}
