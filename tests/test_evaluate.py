@@ -22,6 +22,7 @@ from oclear_ray.embed import (
 from oclear_ray.evaluate import (
     Catalog,
     Judge,
+    _view_line,
     encode_queries,
     exact_search,
     label_recall,
@@ -65,6 +66,22 @@ def test_exact_search_breaks_ties_in_catalog_order_at_every_k():
         assert D.shape == I.shape == (2, k)
         assert I[0].tolist() == [3, 5, 17, 40, *I[0, 4:].tolist()][:k]
         assert I[1, 0] == 9 and np.all(np.diff(D, axis=1) <= 1e-6)
+
+
+def test_the_report_names_the_chosen_view_and_the_fused_gain_with_its_error():
+    choice = {
+        "shape_weight": 4.0,
+        "shape_levels": "ink",
+        "recall@1": {"fused@4:ink": 0.864, "image_only@4:ink": 0.803},
+        "fused_gain": {"recall@1": 0.061, "se": 0.064},
+    }
+    assert _view_line({"doc_view": "image_only", "view_choice": choice}) == (
+        "image_only, shape weight 4 on ink levels (validation R@1 fused@4:ink 0.864, "
+        "image_only@4:ink 0.803; fused documents +0.061 ± 0.064 over image-only)"
+    )
+    assert _view_line({"doc_view": "fused", "view_choice": None}) == (
+        "fused (not chosen on validation queries)"
+    )
 
 
 def test_relevance_recall_and_curve_by_label_match():
