@@ -21,6 +21,7 @@ from oclear_ray.text import train_tokenizer
 from oclear_ray.views import (
     Split,
     choose_views,
+    distinct,
     held_out,
     pick_setting,
     setting_key,
@@ -87,6 +88,13 @@ def test_held_out_by_class_keeps_classes_whole_and_by_photo_keeps_every_class():
     kept = {v for v, h in zip(labels, by_photo, strict=True) if not h}
     assert kept == set(labels) and 0.15 < sum(by_photo) / 400 < 0.45
     assert held_out(["a", "b"], [None, ""], 0.99, "class") == [False, False]  # unlabelled
+
+
+def test_distinct_keeps_the_first_of_each_image_and_label():
+    images = [b"x", b"x", b"y", b"x", b"x"]
+    labels = ["couple", "couple", "couple", "kiss", "couple"]
+    assert distinct(images, labels) == [True, False, True, True, False]  # a copy in a class
+    assert distinct([], []) == []
 
 
 def test_revise_sets_view_and_weight_under_a_new_version(model_dir, data):
