@@ -136,7 +136,7 @@ def train(args, precision: str, catalog: Catalog, device: torch.device):
         world_size=dist.get_world_size(),
     ).to(device)
     policy = mixed_precision_policy(cfg, device)
-    parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",), mp_policy=policy)
+    parallel.apply_fsdp(model, model.shard_units(), mp_policy=policy)
     optim = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.optim.lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

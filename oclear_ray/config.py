@@ -377,6 +377,9 @@ SCHEDULE_BY = ("steps", "time")
 class RunConfig:
     """Workers and resources, precision, checkpoints, failures and the wall-time budget.
 
+    fsdp: with several workers, true shards the encoders with FSDP2 (each block, then the
+    root: what a model too big to replicate needs); false replicates them with DDP (gradients
+    averaged in bucketed all-reduces). Either way the classifier stays sharded.
     schedule_by: "steps" runs the schedule's steps (``max_minutes`` then only caps them);
     "time" makes ``max_minutes`` the schedule: the stages and the decay are shares of the
     wall time, so a bigger budget trains longer (the warm-up stays in steps).

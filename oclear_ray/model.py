@@ -421,6 +421,10 @@ class RetrievalModel(nn.Module):
         query = F.normalize(self.query_image_head(image.pooled[n:]), dim=-1)
         return PairEmbeddings(doc, fused, query, text_query)
 
+    def forward(self, *args, **kwargs) -> PairEmbeddings:
+        """The training pass, ``encode_pair``: what FSDP2 and DDP hook."""
+        return self.encode_pair(*args, **kwargs)
+
     def _require(self, part: str) -> None:
         if part not in self.parts:
             raise RuntimeError(f"this model was built with parts={self.parts}, not {part!r}")

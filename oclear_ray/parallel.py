@@ -171,17 +171,14 @@ def max_over_ranks(value: float, group: ProcessGroup | None = None) -> float:
     return float(tensor.item())
 
 
-def apply_fsdp(
-    model: torch.nn.Module, units: list[torch.nn.Module], methods=(), mp_policy=None
-) -> None:
-    """Shard ``model`` with FSDP2 over the whole world: each unit, then the root.
-
-    ``methods`` are entry points other than ``forward`` (e.g. ``encode_doc``) that must gather
-    the root's parameters too. The mesh's device type follows the parameters (CPU: gloo).
-    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` for every unit (None: full precision).
+def apply_fsdp(model: torch.nn.Module, units: list[torch.nn.Module], mp_policy=None) -> None:
+    """Shard ``model`` with FSDP2 over the whole world: each unit, then the root (its
+    ``forward`` gathers the parameters; call it, not another method). The mesh's device type
+    follows the parameters (CPU: gloo). ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` for
+    every unit (None: full precision).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
@@ -189,5 +186,20 @@ def apply_fsdp(
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
-    for name in methods:
-        register_fsdp_forward_method(model, name)
+
+
+def apply_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` replicated with DDP over the whole world: its gradients averaged in a few
+    bucketed all-reduces that overlap the backward pass, where FSDP2 gathers and scatters every
+    unit (on a few shared CPU cores each of those waits for the rank the others' processes held
+    up). A stage may leave parts unused (the text tower while aligning images); batch-norm
+    statistics stay per rank, as under FSDP2. Call the returned module (its ``forward``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+        forward_sync_buffers=False,
+    )

@@ -101,7 +101,7 @@ def train_step(
     """
     use_text = towers == "all"
     ids, mask = (batch.doc_ids, batch.doc_mask) if use_text else (None, None)
-    out = model.encode_pair(batch.doc_images, batch.query_images, ids, mask)
+    out = model(batch.doc_images, batch.query_images, ids, mask)  # ``encode_pair``
     embs, labels = [out.doc, out.query], [batch.doc_labels, batch.query_labels]
     has_text = batch.doc_mask.bool().any(1)
     if not use_text:
@@ -183,9 +183,12 @@ def _build(cfg: TrainConfig, num_classes: int, device):
     model = RetrievalModel(cfg.model).to(device)
     head_cfg = ClassifierConfig.of(cfg.head, num_classes=num_classes, dim=cfg.model.embed_dim)
     head = ShardedMarginSoftmax(head_cfg).to(device)
-    if cfg.run.fsdp and head.world_size > 1:
-        policy = mixed_precision_policy(cfg, device)
-        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",), mp_policy=policy)
+    if head.world_size > 1 and cfg.run.fsdp:
+        parallel.apply_fsdp(
+            model, model.shard_units(), mp_policy=mixed_precision_policy(cfg, device)
+        )
+    elif head.world_size > 1:
+        model = parallel.apply_ddp(model)
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )

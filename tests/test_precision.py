@@ -65,7 +65,7 @@ def compare_precisions(rank: int = 0, world: int = 1) -> dict:
     model = RetrievalModel(config("fp32").model)
     head = ShardedMarginSoftmax(ClassifierConfig(num_classes=CLASSES, dim=32, scale=32.0, m=0.2))
     if world > 1:
-        parallel.apply_fsdp(model, model.shard_units(), ("encode_pair",))
+        parallel.apply_fsdp(model, model.shard_units())
     batch, device = fixed_batch(rank), torch.device("cpu")
     out = {}
     for precision in ("fp32", "bf16"):
@@ -130,3 +130,41 @@ def test_fsdp_gets_a_bf16_policy_on_gpu_only():
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
     assert mixed_precision_policy(config("bf16"), torch.device("cpu")) is None
     assert mixed_precision_policy(config("fp32"), torch.device("cuda")) is None
+
+
+def _one_step(rank: int, world: int, port: int, path: str) -> None:
+    """One fuse step from the same start on each rank's own batch, replicated (DDP) and
+    sharded (FSDP2); the full weights after it, and after a state-dict round trip."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from oclear_ray.train import _build
+
+    with gloo_rank(rank, world, port):
+        out = {}
+        for fsdp in (True, False):
+            cfg = config("fp32")
+            cfg.run.fsdp, cfg.run.workers = fsdp, world
+            model, head, optim, head_optim = _build(cfg, CLASSES, torch.device("cpu"))
+            train_step(model, head, fixed_batch(rank), towers="all").backward()
+            optim.step(), head_optim.step()
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            out[fsdp] = get_model_state_dict(model, options=options)  # rank 0's: the export's
+            if not fsdp:
+                out["replica"] = model.module.state_dict()
+        torch.save(out, f"{path}/step{rank}.pt")
+
+
+def test_ddp_and_fsdp_take_the_same_step_on_two_gloo_ranks(tmp_path):
+    """``run.fsdp: false`` replicates the encoders with DDP: the same averaged gradient as
+    FSDP2's, so the same weights on every rank, under the plain model's names (the export)."""
+    mp.spawn(_one_step, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"step{r}.pt") for r in range(2))
+    names = set(RetrievalModel(config("fp32").model).state_dict())
+    assert set(r0[False]) == set(r0[True]) == names
+    start = RetrievalModel(config("fp32").model).state_dict()
+    moved = [n for n in names if not torch.equal(r0[False][n], start[n])]
+    assert len(moved) > 20  # the step changed the encoders
+    params = {n for n, _ in RetrievalModel(config("fp32").model).named_parameters()}
+    for n in names:  # batch-norm statistics stay each rank's own, as under FSDP2
+        assert n not in params or torch.equal(r0[False][n], r1["replica"][n]), n
+        assert torch.allclose(r0[False][n], r0[True][n], atol=1e-6), n
