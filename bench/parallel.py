@@ -41,11 +41,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def _batch(cfg, gen: torch.Generator, scale: int = 1) -> Batch:
+    """Documents and as many query views, ``scale`` times a worker's batch (no text)."""
     n, size = cfg.data.batch_size * scale, cfg.model.preprocess.image_size
-    images = lambda: torch.randn(n, 3, size, size, generator=gen)  # noqa: E731
-    labels = lambda: torch.randint(0, CLASSES, (n,), generator=gen)  # noqa: E731
+    docs, queries = torch.randn(2, n, 3, size, size, generator=gen)
+    labels = torch.randint(0, CLASSES, (2, n), generator=gen)
     empty = torch.zeros(n, 1, dtype=torch.long)
-    return Batch(images(), empty, empty, labels(), images(), labels())
+    return Batch(docs, empty, empty, labels[0], queries, labels[1])
 
 
 def _steps(cfg, args, world: int, rank: int = 0) -> list[float]:

@@ -134,7 +134,8 @@ def test_fsdp_gets_a_bf16_policy_on_gpu_only():
 
 def _one_step(rank: int, world: int, port: int, path: str) -> None:
     """One fuse step from the same start on each rank's own batch, replicated (DDP) and
-    sharded (FSDP2); the full weights after it, and after a state-dict round trip."""
+    sharded (FSDP2): the full weights after it as the export gathers them (rank 0's), and
+    DDP's local replica."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from oclear_ray.train import _build
@@ -159,12 +160,13 @@ def test_ddp_and_fsdp_take_the_same_step_on_two_gloo_ranks(tmp_path):
     FSDP2's, so the same weights on every rank, under the plain model's names (the export)."""
     mp.spawn(_one_step, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"step{r}.pt") for r in range(2))
-    names = set(RetrievalModel(config("fp32").model).state_dict())
+    torch.manual_seed(config("fp32").run.seed)  # the start ``_build`` gives every rank
+    plain = RetrievalModel(config("fp32").model)
+    start, params = plain.state_dict(), {n for n, _ in plain.named_parameters()}
+    names = set(start)
     assert set(r0[False]) == set(r0[True]) == names
-    start = RetrievalModel(config("fp32").model).state_dict()
-    moved = [n for n in names if not torch.equal(r0[False][n], start[n])]
+    moved = [n for n in params if not torch.equal(r0[False][n], start[n])]
     assert len(moved) > 20  # the step changed the encoders
-    params = {n for n, _ in RetrievalModel(config("fp32").model).named_parameters()}
     for n in names:  # batch-norm statistics stay each rank's own, as under FSDP2
         assert n not in params or torch.equal(r0[False][n], r1["replica"][n]), n
         assert torch.allclose(r0[False][n], r0[True][n], atol=1e-6), n
