@@ -2,9 +2,10 @@
 
     python bench/gpu_check.py [--device cuda|cpu] [--steps 300] [--backbone convnext_tiny]
                               [--image-size 224] [--batch 128] [--classes 2000]
+                              [--config configs/gpu.yaml]
 
-Needs only PyTorch, timm and transformers (plus FAISS with GPUs for the last part). One line of
-figures per part:
+Needs only PyTorch, timm, transformers and pydantic (plus FAISS with GPUs for the last part). One
+line of figures per part:
 
 - ``train``: a world-size-1 process group (NCCL on CUDA, gloo on CPU), the encoders sharded with
   FSDP2 ``fully_shard`` (on CUDA with the bf16 ``MixedPrecisionPolicy`` of ``run.precision:
@@ -17,6 +18,10 @@ figures per part:
 - ``faiss``: where FAISS sees GPUs, an IVF index trained on the GPU over the embedded documents
   (``oclear_ray.index.gpu_clustering_index``) and searched: recall@10 against exact search.
 
+``--config`` takes a training config (e.g. ``configs/gpu.yaml``: its model, head and batch size)
+instead of the check's own small text tower; its backbone starts from random weights, since
+nothing is downloaded, and ``--backbone``, ``--image-size`` and ``--batch`` still override it.
+
 The synthetic catalog: each class is a random smooth colour pattern; documents and query photos
 are shifted, noisy views of it, and its title a few class-specific tokens, so the loss can fall.
 """
@@ -24,6 +29,7 @@ are shifted, noisy views of it, and its title a few class-specific tokens, so th
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import socket
@@ -39,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from oclear_ray import parallel  # noqa: E402
 from oclear_ray.classifier import ClassifierConfig, ShardedMarginSoftmax  # noqa: E402
-from oclear_ray.config import TrainConfig  # noqa: E402
+from oclear_ray.config import TrainConfig, load_config  # noqa: E402
 from oclear_ray.export import export_model, load_doc_encoder, load_query_encoder  # noqa: E402
 from oclear_ray.model import RetrievalModel  # noqa: E402
 from oclear_ray.text import train_tokenizer  # noqa: E402
@@ -57,9 +63,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--backbone", default="convnext_tiny")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=128, help="documents per step (+ half as queries)")
+    p.add_argument("--config", help="a training config's model, head and batch size")
+    p.add_argument("--backbone", help="default: convnext_tiny, or the config's")
+    p.add_argument("--image-size", type=int, help="default: 224, or the config's")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="documents per step (+ half as queries); default: 128, or the config's",
+    )
     p.add_argument("--classes", type=int, default=2000)
     p.add_argument("--embed-docs", type=int, default=4096, help="at least 512 (2 chunks)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +82,8 @@ def parse_args(argv=None):
 
 class Catalog:
     """Class prototypes [C, 3, S, S] in [-1, 1] and title tokens [C, 6]; views drawn on the
-    device."""
+    device by a generator there (drawn on the CPU, a batch of 224 px noise costs more than a
+    GPU's step)."""
 
     def __init__(self, classes: int, size: int, device: torch.device, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -82,12 +94,12 @@ class Catalog:
 
     def views(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = self.prototypes[labels]
-        shift = int(torch.randint(-4, 5, (1,), generator=gen))
-        noise = torch.randn(x.shape, generator=gen).to(self.device)
+        shift = int(torch.randint(-4, 5, (1,), generator=gen, device=gen.device))
+        noise = torch.randn(x.shape, generator=gen, device=gen.device)
         return torch.roll(x, shift, dims=3) + 0.3 * noise
 
     def batch(self, docs: int, gen: torch.Generator) -> Batch:
-        labels = torch.randint(0, self.classes, (docs,), generator=gen).to(self.device)
+        labels = torch.randint(0, self.classes, (docs,), generator=gen, device=gen.device)
         queries = labels[: docs // 2]
         ids = self.titles[labels]
         return Batch(
@@ -100,19 +112,26 @@ class Catalog:
         )
 
 
+#: the check's own model and head, without ``--config``
+OWN = {
+    "model.image.name": "convnext_tiny",
+    "model.text": {"vocab_size": 5 + WORDS, "max_position_embeddings": 16},
+    "model.preprocess": {"image_size": 224, "max_text_length": 8},
+    "head": {"margin": "cosface", "m": 0.2, "scale": 32.0, "sample_rate": 0.5},
+    "optim": {"lr": 1e-3, "head_lr": 1e-3},
+    "data.batch_size": 128,
+}
+
+
 def config(args, precision: str) -> TrainConfig:
-    return TrainConfig.from_dict(
-        {
-            "model": {
-                "image": {"name": args.backbone},
-                "text": {"vocab_size": 5 + WORDS, "max_position_embeddings": 16},
-                "preprocess": {"image_size": args.image_size, "max_text_length": 8},
-            },
-            "head": {"margin": "cosface", "m": 0.2, "scale": 32.0, "sample_rate": 0.5},
-            "optim": {"lr": 1e-3, "head_lr": 1e-3},
-            "run": {"precision": precision, "workers": 1},
-        }
-    )
+    """``--config`` (its backbone from random weights) or the check's own, in ``precision``
+    on one worker, with the command line's backbone, image size and batch."""
+    overrides = {"model.image.pretrained": False} if args.config else copy.deepcopy(OWN)
+    overrides |= {"run.precision": precision, "run.workers": 1, "run.use_gpu": False}
+    given = {"model.image.name": args.backbone, "data.batch_size": args.batch}
+    given["model.preprocess.image_size"] = args.image_size
+    overrides |= {k: v for k, v in given.items() if v is not None}
+    return load_config(args.config, overrides)
 
 
 def _memory(device: torch.device) -> str:
@@ -137,23 +156,26 @@ def train(args, precision: str, catalog: Catalog, device: torch.device):
     ).to(device)
     policy = mixed_precision_policy(cfg, device)
     parallel.apply_fsdp(model, model.shard_units(), mp_policy=policy)
-    optim = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.optim.lr)
+    # two optimizers, as in training: one AdamW's foreach step (CUDA's default) cannot mix the
+    # encoders' DTensor parameters with the head's plain ones
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    head_optim = torch.optim.AdamW(head.parameters(), lr=cfg.optim.head_lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
     losses, samples, start = [], 0, None
     for step in range(args.steps):
         if step == min(5, args.steps - 1):  # warm-up steps (kernel selection) not timed
             _sync(device)
             start, samples = time.perf_counter(), 0
-        batch = catalog.batch(args.batch, gen)
+        batch = catalog.batch(cfg.data.batch_size, gen)
         with autocast(cfg, device):
             loss = train_step(
                 model, head, batch, towers="image" if step < args.steps // 2 else "all"
             )
         loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        optim.step(), head_optim.step()
+        optim.zero_grad(set_to_none=True), head_optim.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         samples += batch.doc_labels.shape[0] + batch.query_labels.shape[0]
     _sync(device)
@@ -180,7 +202,7 @@ def embed(args, model, cfg, catalog: Catalog, device: torch.device):
     with tempfile.TemporaryDirectory() as tmp:
         export_model(plain, tokenizer, tmp)
         encoders = {"docs": load_doc_encoder(tmp), "queries": load_query_encoder(tmp)}
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    gen = torch.Generator(device).manual_seed(args.seed + 2)
     labels = torch.arange(args.embed_docs) % catalog.classes
     chunks = labels.split(256)
 
@@ -245,11 +267,14 @@ def main(argv=None) -> dict:
     _init(device)
     try:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        cfg = config(args, "bf16")
+        size, batch = cfg.model.preprocess.image_size, cfg.data.batch_size
         print(
-            f"device {name}, torch {torch.__version__}, {args.backbone} at {args.image_size} px, "
-            f"batch {args.batch} docs + {args.batch // 2} queries, {args.classes} classes"
+            f"device {name}, torch {torch.__version__}, {cfg.model.image.name} at {size} px, "
+            f"batch {batch} docs + {batch // 2} queries, {args.classes} classes, "
+            f"config {args.config or 'none (its own)'}"
         )
-        catalog = Catalog(args.classes, args.image_size, device, args.seed)
+        catalog = Catalog(args.classes, size, device, args.seed)
         results = {}
         for precision in ("bf16", "fp32"):
             model, cfg, rate, first, last, memory = train(args, precision, catalog, device)
