@@ -127,7 +127,7 @@ def config(args, precision: str) -> TrainConfig:
     """``--config`` (its backbone from random weights) or the check's own, in ``precision``
     on one worker, with the command line's backbone, image size and batch."""
     overrides = {"model.image.pretrained": False} if args.config else copy.deepcopy(OWN)
-    overrides |= {"run.precision": precision, "run.workers": 1, "run.use_gpu": False}
+    overrides |= {"run.precision": precision, "run.workers": 1}
     given = {"model.image.name": args.backbone, "data.batch_size": args.batch}
     given["model.preprocess.image_size"] = args.image_size
     overrides |= {k: v for k, v in given.items() if v is not None}
