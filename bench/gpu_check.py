@@ -90,7 +90,7 @@ class Catalog:
         coarse = torch.rand(classes, 3, 6, 6, generator=gen) * 2 - 1
         self.prototypes = F.interpolate(coarse, size=(size, size), mode="bicubic").to(device)
         self.titles = torch.randint(5, 5 + WORDS, (classes, 6), generator=gen).to(device)
-        self.classes, self.device = classes, device
+        self.classes = classes
 
     def views(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = self.prototypes[labels]
